@@ -1,0 +1,55 @@
+// Attention capture: reduces llama.cpp's `kq_soft_max-<layer>` tensors, as the
+// eval callback sees them, into one score per (layer, KV head, key position).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+struct ggml_tensor;
+
+enum psg_reduce : int32_t {
+    PSG_REDUCE_MAX = 0,
+    PSG_REDUCE_SUM = 1,
+};
+
+struct psg_capture {
+    // model shape, fixed for the life of the context
+    int32_t n_layer   = 0;
+    int32_t n_head    = 0;
+    int32_t n_head_kv = 0;
+
+    // what is armed
+    bool                               armed = false;
+    psg_reduce                         reduce = PSG_REDUCE_MAX;
+    std::vector<int32_t>               layers;       // captured layer ids, in output order
+    std::vector<int32_t>               layer_slot;   // layer id -> index in `layers`, or -1
+    std::unordered_map<int32_t, float> query_weight; // query position -> row weight
+
+    // set by the decode loop before each llama_decode (one ubatch per call)
+    std::vector<int32_t> ubatch_rows;    // rows of this ubatch that are observation queries
+    std::vector<float>   ubatch_weights; // their weights
+    const std::vector<int32_t> * cell_pos = nullptr; // KV cell -> position (-1: empty)
+
+    // result: scores[slot][kv_head][position]
+    std::vector<std::vector<std::vector<float>>> scores;
+    int32_t n_pos = 0;            // positions covered by `scores`
+    int64_t n_tensors_seen = 0;   // kq_soft_max tensors reduced since arming
+    int64_t n_rows_seen    = 0;   // observation rows reduced since arming
+    int64_t n_asked        = 0;   // tensors requested from the scheduler, ever
+    std::string error;            // first problem seen inside the callback
+
+    std::vector<float> buf;       // scratch for rows read from the backend
+
+    void arm(const std::vector<int32_t> & layer_ids, const std::vector<int32_t> & positions,
+             const std::vector<float> & weights, psg_reduce how);
+    void disarm();
+    // Selects the observation rows of the next ubatch, given its token positions.
+    void set_ubatch(const int32_t * pos, int32_t n_tokens);
+    bool wants(const ggml_tensor * t) const;
+    void reduce_tensor(ggml_tensor * t);
+};
+
+// The llama.cpp eval callback; user data is a psg_capture.
+bool psg_capture_eval_cb(ggml_tensor * t, bool ask, void * user_data);

@@ -1,0 +1,17 @@
+"""pyspec-gguf: draft-guided approximate inference for long prompts on GGUF models."""
+
+# llama_cpp loads libllama first, by the path it always uses; the extension
+# then binds to that same copy (its soname is already loaded), so a process
+# holds one libllama and a CUDA or Metal build of llama-cpp-python serves both.
+import llama_cpp as _llama_cpp  # noqa: F401  isort: skip
+
+from ._log import set_verbose
+from .engine import Context, Model, Sampling, iter_text
+from .registry import ChecksumError, FetchError, cache_dir, default_model, fetch, resolve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChecksumError", "Context", "FetchError", "Model", "Sampling", "cache_dir", "default_model",
+    "fetch", "iter_text", "resolve", "set_verbose",
+]

@@ -1,0 +1,34 @@
+"""Entry point of the ``pyspec-gguf`` command."""
+
+import argparse
+import logging
+import sys
+
+from . import ask, models
+
+COMMANDS = {"ask": ask, "models": models}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pyspec-gguf", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
+        module.add_cli_args(p)
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG)
+        from .. import set_verbose
+        set_verbose(True)
+    try:
+        return COMMANDS[args.command].main(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        print(f"pyspec-gguf: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

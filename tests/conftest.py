@@ -1,0 +1,46 @@
+"""Shared fixtures. Models come from the registry into the one cache
+directory (PYSPEC_GGUF_CACHE or ~/.cache/pyspec-gguf), fetched once."""
+
+import pytest
+
+import pyspec_gguf
+from pyspec_gguf import registry
+
+SMALL = "smollm2-135m-instruct-q4_1"
+
+
+@pytest.fixture(scope="session")
+def small_path():
+    return registry.fetch(SMALL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small(small_path):
+    with pyspec_gguf.Model(small_path) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def draft():
+    with pyspec_gguf.Model(registry.default_model("draft"), progress=False) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def target():
+    with pyspec_gguf.Model(registry.default_model("target"), progress=False) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def prose():
+    """A few hundred words of plain English, enough for a small prompt."""
+    sentences = [
+        "The river ran past the old mill, where the miller kept a ledger of every sack of grain.",
+        "In spring the water rose and the wheel turned faster than the men could carry the flour.",
+        "Children from the village came to watch the stones grind, and the miller told them stories.",
+        "One story was about a fox that learned to count by watching the sacks pile up in the yard.",
+        "Another was about a storm that stopped the wheel for a week and left the whole valley hungry.",
+        "The miller's daughter wrote the stories down in a blue notebook that she kept under her bed.",
+    ]
+    return " ".join(sentences * 4)
