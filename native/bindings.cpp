@@ -108,6 +108,7 @@ NB_MODULE(_native, m) {
              },
              "token"_a, "special"_a = false)
         .def("is_eog", &psg_model::is_eog, "token"_a)
+        .def("is_control", &psg_model::is_control, "token"_a)
         .def("apply_chat_template", &psg_model::chat_template, "roles"_a, "contents"_a, "add_assistant"_a = true)
         .def("vocab_fingerprint", &psg_model::vocab_fingerprint, nb::call_guard<nb::gil_scoped_release>());
 

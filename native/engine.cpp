@@ -170,6 +170,12 @@ bool psg_model::is_eog(int32_t token) const {
     return llama_vocab_is_eog(vocab, token);
 }
 
+bool psg_model::is_control(int32_t token) const {
+    check_open();
+    check_token(token);
+    return llama_vocab_is_control(vocab, token);
+}
+
 string psg_model::chat_template(const vector<string> & roles, const vector<string> & contents,
                                 bool add_assistant) const {
     check_open();

@@ -36,6 +36,7 @@ struct psg_model {
     std::string detokenize(const std::vector<int32_t> & tokens, bool special) const;
     std::string token_bytes(int32_t token, bool special) const;
     bool is_eog(int32_t token) const;
+    bool is_control(int32_t token) const;
     std::string chat_template(const std::vector<std::string> & roles, const std::vector<std::string> & contents,
                               bool add_assistant) const;
     uint64_t vocab_fingerprint() const;

@@ -120,6 +120,9 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return self._native.is_eog(int(token))
 
+    def is_control(self, token: int) -> bool:
+        return self._native.is_control(int(token))
+
     def token_bytes(self, token: int) -> bytes:
         return self._native.token_bytes(int(token))
 

@@ -1,31 +1,53 @@
-"""Answer a question about a long document with a GGUF model.
+"""Answer a question about a long document, draft-guided.
 
-Streams the answer, then prints a stats line (prompt tokens, prefill time,
-time to first token, decode speed, KV bytes).
+Streams the answer, then prints a stats line: prompt and kept tokens, time
+to first token split by stage, decode speed, the target's KV memory.
 """
 
 import sys
-import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .. import registry
-from ..engine import Model, Sampling, iter_text
+from ..engine import Sampling
+from ..methods import METHODS
+from ..session import SpecSession
 
 
 def add_cli_args(parser) -> None:
     parser.add_argument("--doc", required=True, help="text file with the document ('-' reads stdin)")
     parser.add_argument("--question", required=True, help="the question to answer")
-    parser.add_argument("--target", default=None,
-                        help="model spec: registry name, .gguf path or owner/repo:file.gguf "
-                             "(default: the registry's target)")
+    parser.add_argument("--method", default="specpc", choices=list(METHODS), help="default: specpc")
+    parser.add_argument("--budget", type=_budget, default=1024,
+                        help="tokens kept: a count (1024) or a fraction of the prompt (0.25); default 1024")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="method hyperparameter, e.g. --option window=32 (repeatable)")
+    parser.add_argument("--compare", action="store_true", help="also run 'full' and show both")
+    parser.add_argument("--show-kept", action="store_true", help="print the document with kept spans marked")
+    parser.add_argument("--draft", default="", help="draft model spec (default: the registry's draft)")
+    parser.add_argument("--target", default=None, help="target model spec (default: the registry's target)")
     parser.add_argument("--max-tokens", type=int, default=128, help="answer length limit (default 128)")
-    parser.add_argument("--n-ctx", type=int, default=0, help="context size (default: prompt + answer)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to a GPU build (-1: all)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _budget(text: str):
+    value = float(text)
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def _option(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option takes KEY=VALUE, not {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def read_doc(path: str) -> str:
@@ -40,38 +62,54 @@ def build_messages(doc: str, question: str) -> list:
                                         f"Question: {question}"}]
 
 
+def show_kept(session, result) -> None:
+    """The prompt with kept tokens plain and dropped runs shown as [...]."""
+    kept = set(result.kept.tolist())
+    out, dropped = [], 0
+    for i, tok in enumerate(result.prompt_tokens):
+        if i in kept:
+            if dropped:
+                out.append(f"\x1b[2m[…{dropped}]\x1b[0m" if sys.stdout.isatty() else f"[…{dropped}]")
+                dropped = 0
+            out.append(session.target.token_bytes(int(tok)).decode("utf-8", errors="replace"))
+        else:
+            dropped += 1
+    print("".join(out))
+
+
 def main(args) -> int:
     if args.max_tokens < 1:
         raise ValueError("--max-tokens must be at least 1")
+    options = dict(_option(o) for o in args.option)
     doc = read_doc(args.doc)
-    target = args.target or registry.default_model("target")
-    with Model(target, n_gpu_layers=args.n_gpu_layers) as model:
-        tokens = model.tokenize_prompt(build_messages(doc, args.question))
-        n_ctx = args.n_ctx or len(tokens) + args.max_tokens + 8
-        ctx = model.context(n_ctx=n_ctx, n_threads=args.threads)
-        t0 = time.perf_counter()
-        with tqdm(total=len(tokens), unit="tok", desc="prefill", leave=False, file=sys.stderr) as bar:
-            ctx.prefill(tokens, progress=lambda done, total: bar.update(done - bar.n))
-        t_prefill = time.perf_counter() - t0
-        n_out, t_first = 0, None
-        stream = ctx.generate(args.max_tokens, Sampling(args.temperature, 1.0, args.seed))
-        t1 = time.perf_counter()
+    messages = build_messages(doc, args.question)
+    uses_draft = args.compare or METHODS[args.method].uses_draft
+    with SpecSession(draft=args.draft if uses_draft else None, target=args.target, n_threads=args.threads,
+                     n_gpu_layers=args.n_gpu_layers) as session:
+        question_tokens = len(session.target.tokenize(args.question, add_special=False))
+        runs = [("full", {})] if args.compare and args.method != "full" else []
+        runs.append((args.method, options))
+        for name, opts in runs:
+            bar = tqdm(unit="tok", desc=f"{name} prefill", leave=False, file=sys.stderr)
 
-        def counted():
-            nonlocal n_out, t_first
-            for tok in stream:
-                if t_first is None:
-                    t_first = time.perf_counter() - t0
-                n_out += 1
-                yield tok
+            def progress(done, total, bar=bar):
+                bar.total = total
+                bar.update(done - bar.n)
 
-        for piece in iter_text(model, counted()):
-            print(piece, end="", flush=True)
-        print()
-        t_decode = time.perf_counter() - t1
-        kv = ctx.kv_bytes()
-        rate = (n_out - 1) / t_decode if n_out > 1 and t_decode > 0 else float("nan")
-        print(f"[full] prompt {len(tokens)} tok | prefill {t_prefill:.2f} s "
-              f"({len(tokens) / t_prefill:.0f} tok/s) | ttft {t_first or t_prefill:.2f} s | "
-              f"decode {n_out} tok, {rate:.1f} tok/s | KV {kv / 2**20:.1f} MiB", file=sys.stderr)
+            stream = session.generate(messages, method=name, budget=args.budget, max_tokens=args.max_tokens,
+                                      stream=True, sampling=Sampling(args.temperature, 1.0, args.seed),
+                                      protect_last=question_tokens + 16, progress=progress, **opts)
+            first = True
+            for piece in stream:
+                if first:
+                    bar.close()
+                    if len(runs) > 1:
+                        print(f"--- {name}:")
+                    first = False
+                print(piece, end="", flush=True)
+            bar.close()
+            print()
+            print(stream.result.stats.line(), file=sys.stderr)
+            if args.show_kept and name == args.method:
+                show_kept(session, stream.result)
     return 0

@@ -1,0 +1,76 @@
+"""Cost of attention capture: the draft's prefill of a long prompt with
+capture armed for the last W queries (SpecPC's setting) against the same
+prefill with capture not armed, alternated in one run.
+
+    python -m pyspec_gguf.bench.capture_overhead --tokens 4096 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import haystack, registry
+from ..engine import Model
+from .common import append_result, summary
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model spec (default: the registry's draft)")
+    p.add_argument("--tokens", type=int, default=4096, help="prompt length")
+    p.add_argument("--window", type=int, default=64, help="observation queries (the last W)")
+    p.add_argument("--start-layer", type=int, default=8, help="first captured layer")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="bench/results/capture_overhead.jsonl")
+
+
+def main(args) -> dict:
+    spec = args.model or registry.default_model("draft")
+    with Model(spec) as model:
+        tokens = model.tokenize(haystack.fit_tokens(model, args.tokens))
+        n = len(tokens)
+        layers = np.arange(args.start_layer, model.n_layer, dtype=np.int32)
+        queries = np.arange(n - args.window, n, dtype=np.int32)
+        weights = np.linspace(0, 1, args.window, dtype=np.float32)
+        ctx = model.context(n_ctx=n + 16, n_threads=args.threads)
+
+        def prefill(armed: bool) -> float:
+            ctx.clear()
+            if armed:
+                ctx.capture_arm(layers, queries, weights, "max")
+            t0 = time.perf_counter()
+            ctx.prefill(tokens)
+            if armed:
+                ctx.capture_take()
+            dt = time.perf_counter() - t0
+            ctx.capture_disarm()
+            return dt
+
+        prefill(False)  # warm-up: page in the weights
+        plain, armed = [], []
+        for i in range(args.repeats):
+            for is_armed in ((False, True) if i % 2 == 0 else (True, False)):
+                (armed if is_armed else plain).append(prefill(is_armed))
+                print(f"run {i + 1}/{args.repeats} {'armed' if is_armed else 'plain'}: "
+                      f"{(armed if is_armed else plain)[-1]:.2f} s", flush=True)
+        row = {
+            "bench": "capture_overhead", "model": Path(model.path).name, "prompt_tokens": n,
+            "window": args.window, "layers": [int(layers[0]), int(layers[-1])],
+            "prefill_plain_s": summary(plain), "prefill_armed_s": summary(armed),
+            "overhead": float(np.median(armed) / np.median(plain) - 1),
+            "paired_overhead": [a / p - 1 for a, p in zip(armed, plain)],
+        }
+    append_result(Path(args.out), row)
+    print(f"prompt {n} tokens: plain {np.median(plain):.2f} s, armed {np.median(armed):.2f} s, "
+          f"overhead {row['overhead'] * 100:+.1f}% (median of {args.repeats})")
+    return row
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(parser)
+    main(parser.parse_args())

@@ -1,0 +1,53 @@
+"""What every benchmark records: the machine, the command, and where results go."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .. import _native
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "llama_system_info": _native.llama_system_info().strip(),
+        "gpu_offload": _native.supports_gpu_offload(),
+    }
+
+
+def command() -> str:
+    flags = ["-P"] if getattr(sys.flags, "safe_path", False) else []
+    return " ".join(shlex.quote(a) for a in ["python", *flags, "-m", _module_name()] + sys.argv[1:])
+
+
+def _module_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec else sys.argv[0]
+
+
+def append_result(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command(), "machine": machine(), **row}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}

@@ -1,0 +1,31 @@
+"""Every method, one class per module. A method scores prompt tokens; the
+selection rules (`pyspec_gguf.selection`) and the session's pipelines turn
+scores into kept tokens or KV entries."""
+
+from .base import KVMethod, Method, PromptMethod
+from .draft import DraftOnly
+from .full import Full
+from .headtail import HeadTail
+from .selfinfo import SelfInfo
+from .snapkv import SnapKV
+from .speckv import SpecKV
+from .speckv_pc import SpecKVPC
+from .specpc import SpecPC
+from .specprefill import SpecPrefill
+from .streamingllm import StreamingLLM
+
+METHODS = {m.name: m for m in (Full, DraftOnly, SpecPC, SpecKV, SpecKVPC, SnapKV, StreamingLLM, SpecPrefill,
+                               SelfInfo, HeadTail)}
+
+
+def make_method(name: str, **options) -> Method:
+    """Build a method by name with its options, validated."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    try:
+        return METHODS[name](**options)
+    except TypeError as e:
+        raise ValueError(f"{name}: bad option ({e})") from e
+
+
+__all__ = ["METHODS", "make_method", "Method", "PromptMethod", "KVMethod"] + [m.__name__ for m in METHODS.values()]

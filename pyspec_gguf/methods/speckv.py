@@ -1,0 +1,60 @@
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .. import selection
+from ..scoring import REDUCTIONS, greedy_lookahead
+from .base import KVMethod
+
+
+@dataclass
+class SpecKV(KVMethod):
+    """KV-cache dropping guided by a drafted answer (SpecKV, Galim et al.
+    2025, "Draft-based Approximate Inference for LLMs").
+
+    The draft drafts `lookahead` tokens; the target prefills the prompt and
+    the drafted tokens; the attention of the last `window` + 1 prompt queries
+    and of the drafted tokens, reduced over query rows and the query heads of
+    each KV group by `reduction`, then over layers and KV heads by
+    `aggregation`, scores each prompt KV entry. Scores are pooled with
+    `kernel` (odd); the top `budget` - `window` entries and the window are
+    kept, everything else (the last prompt token and the drafted tokens too)
+    is dropped; the last prompt token is decoded again at its position.
+
+    Args: window=32, kernel=7, pool="max", reduction="max", aggregation="max",
+    lookahead=64 (the paper uses the task's answer length).
+    """
+
+    name: ClassVar[str] = "speckv"
+    uses_draft: ClassVar[bool] = True
+    window: int = 32
+    kernel: int = 7
+    pool: str = "max"
+    reduction: str = "max"
+    aggregation: str = "max"
+    lookahead: int = 64
+
+    def validate(self) -> None:
+        self._non_negative(window=self.window, lookahead=self.lookahead)
+        self._positive(kernel=self.kernel)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"{self.name}: kernel must be odd, not {self.kernel}")
+        self._choice("pool", self.pool, selection.POOLS)
+        self._choice("reduction", self.reduction, REDUCTIONS)
+        self._choice("aggregation", self.aggregation, REDUCTIONS)
+
+    def lookahead_tokens(self, job) -> np.ndarray:
+        if job.draft_tokens is not None:
+            return job.draft_tokens[: self.lookahead]
+        if self.lookahead == 0:
+            return np.empty(0, np.int32)
+        ctx = job.draft_context(len(job.tokens) + 8)
+        with job.timer("draft_prefill"):
+            ctx.prefill(job.tokens, progress=job.progress)
+        with job.timer("lookahead"):
+            tokens, _ = greedy_lookahead(ctx, job.draft, self.lookahead)
+        return tokens
+
+    def select(self, scores, budget, protected):
+        return selection.select_topk(scores, budget, self.window, self.kernel, self.pool, protected)

@@ -1,0 +1,38 @@
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .specpc import SpecPC
+from .speckv import SpecKV
+from .base import Method
+
+
+@dataclass
+class SpecKVPC(Method):
+    """The cascade (SpecKV-PC, Galim et al. 2025): SpecPC compresses the
+    prompt to `pc_budget` tokens with one draft pass that also drafts the
+    answer; SpecKV then drops the target's KV to the final budget, using the
+    drafted tokens as its lookahead.
+
+    Args: pc_budget=2048, kernel=32 and neighbours=32 for the SpecPC stage,
+    lookahead=64, and SpecKV's window=32, kv_kernel=7.
+    """
+
+    name: ClassVar[str] = "speckv_pc"
+    stage: ClassVar[str] = "cascade"
+    uses_draft: ClassVar[bool] = True
+    pc_budget: int = 2048
+    kernel: int = 32
+    neighbours: int = 32
+    lookahead: int = 64
+    window: int = 32
+    kv_kernel: int = 7
+    prompt_stage: SpecPC = field(init=False, repr=False)
+    kv_stage: SpecKV = field(init=False, repr=False)
+
+    def validate(self) -> None:
+        self._positive(pc_budget=self.pc_budget)
+        self.prompt_stage = SpecPC(kernel=self.kernel, neighbours=self.neighbours, lookahead=max(1, self.lookahead))
+        self.kv_stage = SpecKV(window=self.window, kernel=self.kv_kernel, lookahead=self.lookahead)
+
+    def options(self) -> dict:
+        return {k: v for k, v in super().options().items() if k not in ("prompt_stage", "kv_stage")}

@@ -1,0 +1,68 @@
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .. import selection
+from ..scoring import REDUCTIONS, aggregate, greedy_lookahead, prefill_with_capture
+from .base import PromptMethod
+
+
+@dataclass
+class SpecPC(PromptMethod):
+    """Prompt compression scored by the draft's attention (SpecPC, Galim et al.
+    2025, "Draft-based Approximate Inference for LLMs").
+
+    The draft prefills the prompt; the attention of its last `window` queries
+    (weighted linearly 0..1, oldest to newest, if `weighted`) and of each of
+    its `lookahead` - 1 drafted tokens, in layers >= `start_layer`, reduced
+    over heads and rows by `reduction` and over layers and steps by max,
+    scores every prompt token. Scores are max-pooled with `kernel`, the top
+    tokens widened to `neighbours` nearest tokens, and the target prefills
+    only the kept tokens (positions renumbered).
+
+    Args: window=64, kernel=64, neighbours=64, pool="max", reduction="max",
+    lookahead=1, start_layer=8, weighted=True (the paper's Qwen defaults).
+    """
+
+    name: ClassVar[str] = "specpc"
+    uses_draft: ClassVar[bool] = True
+    window: int = 64
+    kernel: int = 64
+    neighbours: int = 64
+    pool: str = "max"
+    reduction: str = "max"
+    lookahead: int = 1
+    start_layer: int = 8
+    weighted: bool = True
+
+    def validate(self) -> None:
+        self._positive(window=self.window, kernel=self.kernel, neighbours=self.neighbours, lookahead=self.lookahead)
+        self._non_negative(start_layer=self.start_layer)
+        self._choice("pool", self.pool, selection.POOLS)
+        self._choice("reduction", self.reduction, REDUCTIONS)
+
+    def score_prompt(self, job) -> np.ndarray:
+        draft, tokens = job.draft, job.tokens
+        n = len(tokens)
+        if self.start_layer >= draft.n_layer:
+            raise ValueError(f"specpc: start_layer {self.start_layer} >= the draft's {draft.n_layer} layers")
+        layers = np.arange(self.start_layer, draft.n_layer)
+        w = min(self.window, n)
+        weights = np.linspace(0, 1, w) if self.weighted else None
+        ctx = job.draft_context(n + self.lookahead + 8)
+        with job.timer("draft_prefill"):
+            prefill = prefill_with_capture(ctx, tokens, layers, np.arange(n - w, n), weights, self.reduction,
+                                           progress=job.progress)
+        score = aggregate(prefill, "max")
+        with job.timer("lookahead"):
+            job.draft_tokens, steps = greedy_lookahead(ctx, draft, self.lookahead,
+                                                       layers if self.lookahead > 1 else None,
+                                                       self.reduction, n_keys=n)
+        for step in steps:
+            score = np.maximum(score, aggregate(step, "max"))
+        return score
+
+    def select(self, scores, budget, protected):
+        return selection.select_specpc(scores, budget, self.window, self.kernel, self.neighbours, self.pool,
+                                       protected)
