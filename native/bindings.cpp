@@ -209,6 +209,8 @@ NB_MODULE(_native, m) {
         .def_prop_ro("capture_armed", [](const psg_context & c) { return c.capture->armed; })
         .def_prop_ro("capture_n_asked", [](const psg_context & c) { return c.capture->n_asked; },
                      "Tensors the eval callback has asked the scheduler for (each one splits the graph).")
+        .def_prop_ro("capture_seconds", [](const psg_context & c) { return c.capture->reduce_seconds; },
+                     "Seconds spent reading and reducing attention rows in the eval callback.")
         .def("seq_rm", &psg_context::seq_rm, "seq"_a, "p0"_a, "p1"_a)
         .def("seq_keep_positions",
              [](psg_context & c, int32_t seq, const i32_array & positions) {

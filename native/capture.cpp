@@ -4,6 +4,7 @@
 #include "ggml.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
@@ -170,7 +171,9 @@ bool psg_capture_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
         return want;
     }
     if (cap->wants(t)) {
+        const auto t0 = std::chrono::steady_clock::now();
         cap->reduce_tensor(t);
+        cap->reduce_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
     return true;
 }

@@ -38,6 +38,7 @@ struct psg_capture {
     int64_t n_tensors_seen = 0;   // kq_soft_max tensors reduced since arming
     int64_t n_rows_seen    = 0;   // observation rows reduced since arming
     int64_t n_asked        = 0;   // tensors requested from the scheduler, ever
+    double  reduce_seconds = 0.0; // time spent reading and reducing rows, ever
     std::string error;            // first problem seen inside the callback
 
     std::vector<float> buf;       // scratch for rows read from the backend

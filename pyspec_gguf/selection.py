@@ -130,9 +130,12 @@ def select_head_tail(n: int, budget: int, protected=None) -> np.ndarray:
     return np.flatnonzero(kept).astype(np.int32)
 
 
-def select_sink_recent(n: int, budget: int, sinks: int = 4) -> np.ndarray:
-    """StreamingLLM: the first `sinks` tokens and the most recent rest."""
+def select_sink_recent(n: int, budget: int, sinks: int = 4, protected=None) -> np.ndarray:
+    """StreamingLLM: the first `sinks` tokens, protected tokens, and the
+    most recent tokens for the rest of the budget."""
     if n <= budget:
         return np.arange(n, dtype=np.int32)
-    sinks = min(sinks, budget)
-    return np.r_[0:sinks, n - (budget - sinks):n].astype(np.int32)
+    forced = np.arange(min(sinks, budget))
+    if protected is not None and len(protected):
+        forced = np.concatenate([forced, np.asarray(protected, np.int64)])
+    return _finish(np.concatenate([forced, np.arange(n - 1, -1, -1)]), budget)

@@ -163,6 +163,9 @@ class SpecSession:
             raise ValueError(f"{method.name} needs a draft model; this session has none")
         tokens = self.tokenize(prompt)
         n_budget = resolve_budget(budget, len(tokens))
+        if isinstance(protect_last, bool) or not isinstance(protect_last, int) or protect_last < 0:
+            raise ValueError(f"protect_last must be an integer >= 0, not {protect_last!r}")
+        protect_last = max(protect_last, self.template_tail(prompt, tokens))
         run = _Run(self, method, tokens, n_budget, max_tokens, sampling, protect_last, progress)
         stream_ = Stream(run)
         if stream:
@@ -172,6 +175,19 @@ class SpecSession:
         return stream_.result
 
     # ------------------------------------------------------------ helpers
+
+    def template_tail(self, prompt: Prompt, tokens: np.ndarray) -> int:
+        """How many tokens the chat template adds after the last message's
+        content (end of turn, the assistant's header): found as the common
+        tail of the prompt and the same prompt with that content emptied."""
+        if isinstance(prompt, str):
+            return 0
+        emptied = list(prompt[:-1]) + [{**prompt[-1], "content": ""}]
+        other = self.target.tokenize(self.target.apply_chat_template(emptied), add_special=False)
+        n = 0
+        while n < min(len(tokens), len(other)) and tokens[-1 - n] == other[-1 - n]:
+            n += 1
+        return n
 
     def protected_positions(self, tokens: np.ndarray, protect_last: int) -> np.ndarray:
         """Control tokens of the chat template, and the last `protect_last`."""

@@ -103,6 +103,7 @@ def test_head_tail_and_sink_recent():
     assert list(selection.select_head_tail(10, 4)) == [0, 1, 8, 9]
     assert list(selection.select_head_tail(10, 5, protected=[4])) == [0, 1, 4, 8, 9]
     assert list(selection.select_sink_recent(10, 6, sinks=2)) == [0, 1, 6, 7, 8, 9]
+    assert list(selection.select_sink_recent(10, 6, sinks=2, protected=[4])) == [0, 1, 4, 7, 8, 9]
 
 
 def test_bad_pool():

@@ -42,15 +42,20 @@ def main(args) -> dict:
             ctx.clear()
             if armed:
                 ctx.capture_arm(layers, queries, weights, "max")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ctx.prefill(tokens)
             if armed:
                 ctx.capture_take()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if armed:
+                reduce_s.append(ctx.capture_seconds - sum(reduce_s))
             ctx.capture_disarm()
+            (cpu_armed if armed else cpu_plain).append(dc)
             return dt
 
+        cpu_plain, cpu_armed, reduce_s = [], [], []
         prefill(False)  # warm-up: page in the weights
+        cpu_plain.clear()
         plain, armed = [], []
         for i in range(args.repeats):
             for is_armed in ((False, True) if i % 2 == 0 else (True, False)):
@@ -63,10 +68,16 @@ def main(args) -> dict:
             "prefill_plain_s": summary(plain), "prefill_armed_s": summary(armed),
             "overhead": float(np.median(armed) / np.median(plain) - 1),
             "paired_overhead": [a / p - 1 for a, p in zip(armed, plain)],
+            "cpu_plain_s": summary(cpu_plain), "cpu_armed_s": summary(cpu_armed),
+            "cpu_overhead": float(np.median(cpu_armed) / np.median(cpu_plain) - 1),
+            "callback_reduce_s": summary(reduce_s),
+            "callback_share": float(np.median(reduce_s) / np.median(plain)),
         }
     append_result(Path(args.out), row)
     print(f"prompt {n} tokens: plain {np.median(plain):.2f} s, armed {np.median(armed):.2f} s, "
-          f"overhead {row['overhead'] * 100:+.1f}% (median of {args.repeats})")
+          f"overhead {row['overhead'] * 100:+.1f}% wall, {row['cpu_overhead'] * 100:+.1f}% CPU time "
+          f"(median of {args.repeats}); reading and reducing rows in the callback: "
+          f"{np.median(reduce_s) * 1000:.0f} ms ({row['callback_share'] * 100:.2f}% of the prefill)")
     return row
 
 

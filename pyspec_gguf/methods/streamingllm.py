@@ -21,4 +21,4 @@ class StreamingLLM(KVMethod):
         self._non_negative(sinks=self.sinks)
 
     def select(self, scores, budget, protected):
-        return selection.select_sink_recent(len(scores), budget, self.sinks)
+        return selection.select_sink_recent(len(scores), budget, self.sinks, protected)

@@ -1,0 +1,38 @@
+"""The methods on the real pair: Qwen2.5-Coder 0.5B draft, 1.5B target."""
+
+import pytest
+
+from pyspec_gguf.bench.tasks import single_needle
+from pyspec_gguf.methods import METHODS
+from pyspec_gguf.session import SpecSession
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair():
+    with SpecSession(progress=False) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def short_messages(prose):
+    return [{"role": "user", "content": prose[:1200] + "\n\nWhat did the miller's daughter write in?"}]
+
+
+def test_every_method_equals_full_when_nothing_is_dropped(pair, short_messages):
+    full = pair.generate(short_messages, method="full", max_tokens=8)
+    for name in METHODS:
+        r = pair.generate(short_messages, method=name, budget=10**6, max_tokens=8)
+        if name == "draft":
+            continue  # another model: its own answer
+        assert r.tokens == full.tokens, name
+
+
+@pytest.mark.parametrize("method", ["specpc", "speckv"])
+def test_needle_found_at_4k_with_budget_512(pair, method):
+    task = single_needle(pair.target, 4096, seed=11)
+    r = pair.generate(task.messages, method=method, budget=512, max_tokens=16)
+    assert 3900 <= r.stats.prompt_tokens <= 4200
+    assert r.stats.kept_tokens <= 513
+    assert task.score(r.text) == 1.0, r.text
