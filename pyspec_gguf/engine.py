@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -41,13 +42,12 @@ class Model:
         path = resolve(os.fspath(spec), progress=progress)
         self._native = _native.Model(str(path), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
         self.path = str(path)
-        self._contexts: list[Context] = []
+        self._contexts: weakref.WeakSet = weakref.WeakSet()  # closed ones drop out when collected
 
     # -- lifetime
     def close(self) -> None:
-        for ctx in self._contexts:
+        for ctx in list(self._contexts):
             ctx.close()
-        self._contexts.clear()
         self._native.close()
 
     @property
@@ -136,7 +136,7 @@ class Model:
         'on', or 'auto' (llama.cpp decides; on CPU it turns it on)."""
         ctx = Context(self, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
                       n_threads=n_threads or default_threads(), n_seq_max=n_seq_max, flash_attn=flash_attn)
-        self._contexts.append(ctx)
+        self._contexts.add(ctx)
         return ctx
 
 

@@ -32,9 +32,10 @@ def prefill_with_capture(ctx, tokens, layers, queries, weights=None, reduce="max
 
 
 def greedy_lookahead(ctx, model, n_tokens: int, layers=None, reduce="max", n_keys: int = 0):
-    """Draft `n_tokens` greedily after a prefill that left last-token logits.
-    With `layers`, each decode step's attention over the first `n_keys`
-    positions is captured; returns (tokens, [per-step scores])."""
+    """Draft `n_tokens` greedily after a prefill that left last-token logits:
+    the first comes from the prefill, each later one from a decode step. With
+    `layers`, each of those n_tokens - 1 decode steps' attention over the
+    first `n_keys` positions is captured; returns (tokens, [per-step scores])."""
     tokens, steps = [], []
     ctx.set_sampler(0.0, 1.0, 0)
     for i in range(n_tokens):
@@ -42,12 +43,11 @@ def greedy_lookahead(ctx, model, n_tokens: int, layers=None, reduce="max", n_key
         if model.is_eog(token):
             break
         tokens.append(token)
-        if i + 1 == n_tokens and layers is None:
+        if i + 1 == n_tokens:
             break
-        pos = ctx.next_pos()
         if layers is not None:
-            # the step token's own row: its attention over the prompt
-            scores = prefill_with_capture(ctx, [token], layers, [pos], None, reduce)
+            # the step token's own query row: its attention over the prompt
+            scores = prefill_with_capture(ctx, [token], layers, [ctx.next_pos()], None, reduce)
             steps.append(scores[..., :n_keys])
         else:
             ctx.prefill([token])

@@ -309,8 +309,12 @@ class _Run:
 
     def _cascade(self, m: SpecKVPC):
         tokens, protected = self.tokens, self.protected
-        if len(tokens) > m.pc_budget:
-            budget, self.budget = self.budget, m.pc_budget
+        if len(tokens) <= self.budget:
+            return self._prefill_tokens(tokens)
+        # compress the prompt no further than the final budget needs
+        pc_budget = max(m.pc_budget, self.budget)
+        if len(tokens) > pc_budget:
+            budget, self.budget = self.budget, pc_budget
             kept = self._prompt_stage(m.prompt_stage, tokens, protected)
             self.budget = budget
             protected = np.flatnonzero(np.isin(kept, protected))
