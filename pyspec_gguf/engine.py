@@ -170,6 +170,8 @@ class Context:
 
     def __getattr__(self, name):
         # KV and capture operations are the native ones, unchanged
+        if name == "_native":
+            raise AttributeError(name)
         return getattr(self._native, name)
 
     def next_pos(self, seq: int = 0) -> int:

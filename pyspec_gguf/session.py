@@ -228,13 +228,13 @@ class _Run:
         m = self.method
         if m.name == "draft":
             self.model = self.session.draft
-            return self._prefill_all(self.job.draft_context(len(self.tokens) + self.max_tokens + 8))
+            ctx = self.job.draft_context(len(self.tokens) + self.max_tokens + 8)
+            return self._prefill(ctx, self.tokens, "draft_prefill")
         if m.stage == "none":
-            return self._prefill_all(self._target_context(len(self.tokens)))
+            return self._target_prefill(self.tokens)
         if isinstance(m, PromptMethod):
-            kept = self._prompt_stage(m, self.tokens, self.protected)
-            self.kept = kept
-            return self._target_prefill_kept(self.tokens[kept])
+            self.kept = self._prompt_stage(m, self.tokens, self.protected)
+            return self._target_prefill(self.tokens[self.kept])
         if isinstance(m, KVMethod):
             return self._kv_stage(m, self.tokens, self.protected, positions=None)
         if isinstance(m, SpecKVPC):
@@ -248,11 +248,13 @@ class _Run:
         self.job._contexts.append(ctx)
         return ctx
 
-    def _prefill_all(self, ctx):
-        stage = "draft_prefill" if self.model is self.session.draft else "target_prefill"
+    def _prefill(self, ctx, tokens, stage: str):
         with self.job.timer(stage):
-            ctx.prefill(self.tokens, progress=self.job.progress)
+            ctx.prefill(tokens, progress=self.job.progress)
         return ctx
+
+    def _target_prefill(self, tokens):
+        return self._prefill(self._target_context(len(tokens)), tokens, "target_prefill")
 
     def _prompt_stage(self, method: PromptMethod, tokens, protected) -> np.ndarray:
         if len(tokens) <= self.budget:
@@ -263,12 +265,6 @@ class _Run:
         self.scores = scores
         return kept
 
-    def _target_prefill_kept(self, kept_tokens):
-        ctx = self._target_context(len(kept_tokens))
-        with self.job.timer("target_prefill"):
-            ctx.prefill(kept_tokens, progress=self.job.progress)
-        return ctx
-
     def _kv_stage(self, method: KVMethod, tokens, protected, positions):
         """Target prefill with capture, keep the selected KV, compact, and
         decode the last prompt token again. `positions` maps the tokens to
@@ -277,7 +273,7 @@ class _Run:
         positions = np.arange(n, dtype=np.int32) if positions is None else positions
         if n <= self.budget:
             self.kept = positions
-            return self._prefill_tokens(tokens)
+            return self._target_prefill(tokens)
         lookahead = method.lookahead_tokens(self.job) if method.captures else np.empty(0, np.int32)
         ctx = self._target_context(n + len(lookahead))
         with self.job.timer("target_prefill"):
@@ -301,16 +297,10 @@ class _Run:
         self.kept = positions[np.append(keep, n - 1)]
         return ctx
 
-    def _prefill_tokens(self, tokens):
-        ctx = self._target_context(len(tokens))
-        with self.job.timer("target_prefill"):
-            ctx.prefill(tokens, progress=self.job.progress)
-        return ctx
-
     def _cascade(self, m: SpecKVPC):
         tokens, protected = self.tokens, self.protected
         if len(tokens) <= self.budget:
-            return self._prefill_tokens(tokens)
+            return self._target_prefill(tokens)
         # compress the prompt no further than the final budget needs
         pc_budget = max(m.pc_budget, self.budget)
         if len(tokens) > pc_budget:
