@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -54,9 +54,6 @@ class Result:
     kept: np.ndarray               # prompt positions the answer was built from
     scores: Optional[np.ndarray]   # the method's score of every prompt token, if it has one
     prompt_tokens: np.ndarray
-
-    def as_dict(self) -> dict:
-        return {"text": self.text, "stats": asdict(self.stats), "kept": self.kept.tolist()}
 
 
 def peak_rss() -> int:

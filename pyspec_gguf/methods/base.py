@@ -3,7 +3,7 @@ the session's pipelines do the rest."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -24,9 +24,6 @@ class Method:
 
     def validate(self) -> None:
         pass
-
-    def options(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def _positive(self, **values) -> None:
         for key, value in values.items():

@@ -1,9 +1,9 @@
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .specpc import SpecPC
-from .speckv import SpecKV
 from .base import Method
+from .speckv import SpecKV
+from .specpc import SpecPC
 
 
 @dataclass
@@ -33,6 +33,3 @@ class SpecKVPC(Method):
         self._positive(pc_budget=self.pc_budget)
         self.prompt_stage = SpecPC(kernel=self.kernel, neighbours=self.neighbours, lookahead=max(1, self.lookahead))
         self.kv_stage = SpecKV(window=self.window, kernel=self.kv_kernel, lookahead=self.lookahead)
-
-    def options(self) -> dict:
-        return {k: v for k, v in super().options().items() if k not in ("prompt_stage", "kv_stage")}
