@@ -15,6 +15,19 @@ using namespace nb::literals;
 using i32_array = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using f32_array = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
+using i32_grid = nb::ndarray<const int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
+
+// keep[l, h, i] must cover every layer and KV head of the model.
+static void check_keep_shape(const psg_context & c, const i32_grid & keep) {
+    c.check_open();
+    const size_t L = (size_t) c.owner->n_layer(), G = (size_t) c.owner->n_head_kv();
+    if (keep.shape(0) != L || keep.shape(1) != G || keep.shape(2) == 0) {
+        throw std::invalid_argument("keep must have shape [n_layer=" + std::to_string(L) + ", n_head_kv=" +
+                                    std::to_string(G) + ", C >= 1], not [" + std::to_string(keep.shape(0)) + ", " +
+                                    std::to_string(keep.shape(1)) + ", " + std::to_string(keep.shape(2)) + "]");
+    }
+}
+
 static std::vector<int32_t> to_vec(const i32_array & a) {
     return std::vector<int32_t>(a.data(), a.data() + a.shape(0));
 }
@@ -115,7 +128,8 @@ NB_MODULE(_native, m) {
     nb::class_<psg_context>(m, "Context")
         .def("__init__",
              [](psg_context * self, psg_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
-                int32_t n_threads, int32_t n_seq_max, const std::string & flash_attn) {
+                int32_t n_threads, int32_t n_seq_max, const std::string & flash_attn, const std::string & type_k,
+                const std::string & type_v) {
                  psg_context_params p;
                  p.n_ctx = n_ctx;
                  p.n_batch = n_batch;
@@ -123,11 +137,19 @@ NB_MODULE(_native, m) {
                  p.n_threads = n_threads;
                  p.n_seq_max = n_seq_max;
                  p.flash_attn = flash_attn;
+                 p.type_k = type_k;
+                 p.type_v = type_v;
                  nb::gil_scoped_release release;
                  new (self) psg_context(model, p);
              },
              "model"_a, "n_ctx"_a = 4096, "n_batch"_a = 512, "n_ubatch"_a = 512, "n_threads"_a = 0,
-             "n_seq_max"_a = 1, "flash_attn"_a = "off", nb::keep_alive<1, 2>())
+             "n_seq_max"_a = 1, "flash_attn"_a = "off", "type_k"_a = "f16", "type_v"_a = "f16",
+             nb::keep_alive<1, 2>())
+        .def_prop_ro("type_k", [](const psg_context & c) { return c.params.type_k; })
+        .def_prop_ro("type_v", [](const psg_context & c) { return c.params.type_v; })
+        .def_prop_ro("flash_attn", [](const psg_context & c) { return c.params.flash_attn; })
+        .def_prop_ro("per_head", [](const psg_context & c) { return c.per_head; },
+                     "True once keep_per_head rewrote the cache: cells hold different tokens per head.")
         .def("close", &psg_context::close)
         .def_prop_ro("closed", [](const psg_context & c) { return c.ctx == nullptr; })
         .def_prop_ro("n_ctx", &psg_context::n_ctx)
@@ -238,6 +260,42 @@ NB_MODULE(_native, m) {
                  c.state_set(seq, b);
              },
              "seq"_a, "blob"_a)
+        .def("load_state",
+             [](psg_context & c, int32_t seq, nb::bytes blob, uint32_t n_ctx) {
+                 std::vector<uint8_t> b((const uint8_t *) blob.c_str(), (const uint8_t *) blob.c_str() + blob.size());
+                 nb::gil_scoped_release release;
+                 c.load_state(seq, b, n_ctx);
+             },
+             "seq"_a, "blob"_a, "n_ctx"_a = 0,
+             "Replace the context's cells by a sequence state, first resizing it to n_ctx cells (0: as it is).")
+        .def("state_rewrite",
+             [](const psg_context & c, nb::bytes blob, const i32_grid & keep, const i32_array & cell_pos, int32_t seq) {
+                 std::vector<uint8_t> b((const uint8_t *) blob.c_str(), (const uint8_t *) blob.c_str() + blob.size());
+                 std::vector<int32_t> k(keep.data(), keep.data() + keep.size());
+                 check_keep_shape(c, keep);
+                 std::vector<int32_t> p = to_vec(cell_pos);
+                 std::vector<uint8_t> out;
+                 {
+                     nb::gil_scoped_release release;
+                     out = c.state_rewrite(b, k, (int32_t) keep.shape(2), p, seq);
+                 }
+                 return nb::bytes(reinterpret_cast<const char *>(out.data()), out.size());
+             },
+             "blob"_a, "keep"_a, "cell_pos"_a, "seq"_a = 0,
+             "The state blob rewritten so that cell i of layer l, KV head h holds position keep[l, h, i]; the "
+             "cells get positions cell_pos.")
+        .def("keep_per_head",
+             [](psg_context & c, int32_t seq, const i32_grid & keep, const i32_array & cell_pos, uint32_t n_ctx) {
+                 std::vector<int32_t> k(keep.data(), keep.data() + keep.size());
+                 check_keep_shape(c, keep);
+                 std::vector<int32_t> p = to_vec(cell_pos);
+                 nb::gil_scoped_release release;
+                 c.keep_per_head(seq, k, (int32_t) keep.shape(2), p, n_ctx);
+             },
+             "seq"_a, "keep"_a, "cell_pos"_a, "n_ctx"_a = 0,
+             "Per-(layer, KV head) eviction: keep[l, h] lists the positions layer l, KV head h keeps (one length "
+             "C for all); the C cells get positions cell_pos; the context is resized to n_ctx (0: as it is).")
+        .def_prop_ro("kv_bytes_per_cell", &psg_context::kv_bytes_per_cell)
         .def("kv_bytes", &psg_context::kv_bytes, "seq"_a = 0)
         .def_prop_ro("kv_bytes_allocated", &psg_context::kv_bytes_allocated)
         .def("compact", &psg_context::compact, "seq"_a = 0, "n_ctx"_a = 0, nb::call_guard<nb::gil_scoped_release>());

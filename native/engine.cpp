@@ -1,4 +1,5 @@
 #include "engine.h"
+#include "heads.h"
 
 #include <algorithm>
 #include <cmath>
@@ -236,9 +237,27 @@ static enum llama_flash_attn_type parse_flash_attn(const string & s) {
     throw invalid_argument("flash_attn must be 'off', 'on' or 'auto', not '" + s + "'");
 }
 
+// The cache types llama.cpp accepts for K and V (common/arg.cpp's list).
+static ggml_type parse_cache_type(const string & s, const char * which) {
+    static const ggml_type allowed[] = {GGML_TYPE_F32,  GGML_TYPE_F16,  GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
+                                        GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_IQ4_NL};
+    string names;
+    for (ggml_type t : allowed) {
+        if (s == ggml_type_name(t)) {
+            return t;
+        }
+        names += (names.empty() ? "" : ", ") + string(ggml_type_name(t));
+    }
+    throw invalid_argument(string(which) + " must be one of " + names + ", not '" + s + "'");
+}
+
 psg_context::psg_context(psg_model * model, const psg_context_params & p) : owner(model), params(p) {
     owner->check_open();
     parse_flash_attn(params.flash_attn);
+    parse_cache_type(params.type_k, "type_k");
+    if (ggml_blck_size(parse_cache_type(params.type_v, "type_v")) != 1 && params.flash_attn == "off") {
+        throw invalid_argument("a quantized V cache (type_v='" + params.type_v + "') needs flash_attn='on'");
+    }
     if (params.n_ctx < 8) {
         throw invalid_argument("n_ctx must be at least 8");
     }
@@ -272,6 +291,8 @@ llama_context * psg_context::create(uint32_t n_ctx) const {
     cp.n_seq_max = params.n_seq_max;
     cp.kv_unified = true; // sequences share one cell array: seq_cp copies nothing
     cp.flash_attn_type = parse_flash_attn(params.flash_attn);
+    cp.type_k = parse_cache_type(params.type_k, "type_k");
+    cp.type_v = parse_cache_type(params.type_v, "type_v");
     if (params.n_threads > 0) {
         cp.n_threads = params.n_threads;
         cp.n_threads_batch = params.n_threads;
@@ -576,6 +597,10 @@ void psg_context::capture_arm(const vector<int32_t> & layers, const vector<int32
         throw invalid_argument("attention capture needs a context created with flash_attn='off' "
                                "(with flash attention llama.cpp computes no softmax tensor)");
     }
+    if (per_head) {
+        throw invalid_argument("attention capture cannot map columns to positions once the KV cache holds "
+                               "per-head sets");
+    }
     if (layers.empty()) {
         throw invalid_argument("capture needs at least one layer");
     }
@@ -628,6 +653,10 @@ void psg_context::seq_rm(int32_t seq, int32_t p0, int32_t p1) {
 void psg_context::seq_keep_positions(int32_t seq, const vector<int32_t> & positions) {
     check_open();
     check_seq(seq);
+    if (per_head) {
+        throw invalid_argument("the KV cache holds per-head sets: positions no longer name tokens, so they cannot "
+                               "be kept by position");
+    }
     const int32_t pmax = pos_max(seq);
     for (size_t i = 0; i < positions.size(); ++i) {
         if (positions[i] < 0 || positions[i] > pmax) {
@@ -670,6 +699,7 @@ void psg_context::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
 
 void psg_context::clear() {
     check_open();
+    per_head = false;
     llama_memory_clear(llama_get_memory(ctx), true);
     cell_pos.clear();
     cell_seqs.clear();
@@ -726,15 +756,27 @@ void psg_context::state_set(int32_t seq, const vector<uint8_t> & blob) {
     last_logits_index = -1;
 }
 
+int64_t psg_context::kv_bytes_per_cell() const {
+    check_open();
+    // the model's figure is for f16 K and V, two bytes a value
+    const int64_t f16 = owner->kv_bytes_per_cell();
+    const int64_t values = f16 / 2 / 2 / owner->n_layer(); // K (= V) values of one layer
+    const ggml_type tk = parse_cache_type(params.type_k, "type_k"), tv = parse_cache_type(params.type_v, "type_v");
+    if (tk == GGML_TYPE_F16 && tv == GGML_TYPE_F16) {
+        return f16;
+    }
+    return owner->n_layer() * (int64_t) (ggml_row_size(tk, values) + ggml_row_size(tv, values));
+}
+
 size_t psg_context::kv_bytes(int32_t seq) const {
     check_open();
     check_seq(seq);
-    return (size_t) n_cells(seq) * (size_t) owner->kv_bytes_per_cell();
+    return (size_t) n_cells(seq) * (size_t) kv_bytes_per_cell();
 }
 
 int64_t psg_context::kv_bytes_allocated() const {
     check_open();
-    return (int64_t) llama_n_ctx(ctx) * owner->kv_bytes_per_cell();
+    return (int64_t) llama_n_ctx(ctx) * kv_bytes_per_cell();
 }
 
 void psg_context::compact(int32_t seq, uint32_t n_ctx_new) {
@@ -750,16 +792,64 @@ void psg_context::compact(int32_t seq, uint32_t n_ctx_new) {
         throw invalid_argument("n_ctx " + to_string(n_ctx_new) + " is too small for the " + to_string(used) +
                                " kept cells plus one new token");
     }
-    vector<uint8_t> blob = state_get(seq);
+    load_state(seq, state_get(seq), n_ctx_new);
+}
+
+void psg_context::load_state(int32_t seq, const vector<uint8_t> & blob, uint32_t n_ctx_new) {
+    check_open();
+    check_seq(seq);
     if (n_ctx_new != 0) {
         llama_context * fresh = create(n_ctx_new);
         llama_free(ctx);
         ctx = fresh;
-        params.n_ctx = n_ctx_new;
+        params.n_ctx = llama_n_ctx(ctx);
         cell_pos.clear();
         cell_seqs.clear();
+        layout_known = true;
+        last_logits_index = -1;
     } else {
         clear();
     }
+    per_head = false;
     state_set(seq, blob);
+}
+
+vector<uint8_t> psg_context::state_rewrite(const vector<uint8_t> & blob, const vector<int32_t> & keep,
+                                           int32_t n_keep, const vector<int32_t> & cell_pos, int32_t seq) const {
+    check_open();
+    check_seq(seq);
+    const llama_model * m = owner->model;
+    if (llama_model_is_recurrent(m) || llama_model_is_hybrid(m)) {
+        throw invalid_argument("per-head KV eviction needs a plain attention KV cache; this model is recurrent or "
+                               "hybrid");
+    }
+    if (llama_model_n_swa(m) > 0) {
+        throw invalid_argument("per-head KV eviction does not support sliding-window attention models");
+    }
+    const llama_rope_type rope = llama_model_rope_type(m);
+    if (rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE || rope == LLAMA_ROPE_TYPE_VISION) {
+        throw invalid_argument("per-head KV eviction does not support M-RoPE models (their cells carry 2D positions)");
+    }
+    psg_state_shape shape;
+    shape.n_layer = owner->n_layer();
+    shape.n_head_kv = owner->n_head_kv();
+    return psg_rewrite_state(blob, shape, keep, n_keep, cell_pos, seq);
+}
+
+void psg_context::keep_per_head(int32_t seq, const vector<int32_t> & keep, int32_t n_keep,
+                                const vector<int32_t> & cell_pos, uint32_t n_ctx_new) {
+    check_open();
+    check_seq(seq);
+    for (uint64_t m : cell_seqs) {
+        if (m != 0 && m != (1ull << seq)) {
+            throw invalid_argument("keep_per_head needs a context that holds only sequence " + to_string(seq));
+        }
+    }
+    if (n_ctx_new != 0 && (int64_t) n_ctx_new < (int64_t) n_keep + 1) {
+        throw invalid_argument("n_ctx " + to_string(n_ctx_new) + " is too small for the " + to_string(n_keep) +
+                               " kept cells plus one new token");
+    }
+    vector<uint8_t> blob = state_rewrite(state_get(seq), keep, n_keep, cell_pos, seq);
+    load_state(seq, blob, n_ctx_new);
+    per_head = true;
 }

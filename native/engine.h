@@ -50,6 +50,8 @@ struct psg_context_params {
     int32_t     n_threads = 0; // 0: llama.cpp's default
     int32_t     n_seq_max = 1;
     std::string flash_attn = "off"; // "off", "on", "auto"
+    std::string type_k = "f16";     // KV cache types: f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl
+    std::string type_v = "f16";     // (a quantized V needs flash attention on)
 };
 
 struct psg_context {
@@ -67,6 +69,9 @@ struct psg_context {
     std::vector<int32_t>  cell_pos;
     std::vector<uint64_t> cell_seqs;
     bool                  layout_known = true;
+    // After a per-head rewrite a cell holds different tokens in different
+    // heads: its position no longer names one token.
+    bool                  per_head = false;
 
     psg_context(psg_model * model, const psg_context_params & p);
     ~psg_context();
@@ -100,9 +105,21 @@ struct psg_context {
     void clear();
     std::vector<uint8_t> state_get(int32_t seq) const;
     void state_set(int32_t seq, const std::vector<uint8_t> & blob);
+    int64_t kv_bytes_per_cell() const; // K and V of one cell, all layers, in this context's cache types
     size_t kv_bytes(int32_t seq) const;
     int64_t kv_bytes_allocated() const;
     void compact(int32_t seq, uint32_t n_ctx_new);
+    // Replaces the context's cells by the state `blob` of one sequence,
+    // first resizing the context to n_ctx_new cells (0: keep its size).
+    void load_state(int32_t seq, const std::vector<uint8_t> & blob, uint32_t n_ctx_new);
+    // The state of `seq` rewritten so that cell i of layer l, KV head h holds
+    // position keep[l][h][i] (keep is [n_layer, n_head_kv, n_keep]); the
+    // cells get positions `cell_pos`. Checks the model and the blob first.
+    std::vector<uint8_t> state_rewrite(const std::vector<uint8_t> & blob, const std::vector<int32_t> & keep,
+                                       int32_t n_keep, const std::vector<int32_t> & cell_pos, int32_t seq) const;
+    // Per-(layer, KV head) eviction: state_get, state_rewrite, load_state.
+    void keep_per_head(int32_t seq, const std::vector<int32_t> & keep, int32_t n_keep,
+                       const std::vector<int32_t> & cell_pos, uint32_t n_ctx_new);
 
 private:
     llama_context * create(uint32_t n_ctx) const;

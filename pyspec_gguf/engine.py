@@ -131,11 +131,14 @@ class Model:
 
     # -- contexts
     def context(self, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_threads: int = 0,
-                n_seq_max: int = 1, flash_attn: str = "off") -> "Context":
+                n_seq_max: int = 1, flash_attn: str = "off", type_k: str = "f16", type_v: str = "f16") -> "Context":
         """A new context. flash_attn: 'off' (needed for attention capture),
-        'on', or 'auto' (llama.cpp decides; on CPU it turns it on)."""
+        'on', or 'auto' (llama.cpp decides; on CPU it turns it on).
+        type_k, type_v: KV cache types (f16, q8_0, q4_0, ...; a quantized V
+        needs flash_attn='on')."""
         ctx = Context(self, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
-                      n_threads=n_threads or default_threads(), n_seq_max=n_seq_max, flash_attn=flash_attn)
+                      n_threads=n_threads or default_threads(), n_seq_max=n_seq_max, flash_attn=flash_attn,
+                      type_k=type_k, type_v=type_v)
         self._contexts.add(ctx)
         return ctx
 
