@@ -93,6 +93,18 @@ def select_topk(raw: np.ndarray, budget: int, window: int = 32, kernel: int = 7,
     return _finish(np.concatenate([forced, ranked]), budget)
 
 
+def select_topk_per_head(raw: np.ndarray, budget: int, window: int = 32, kernel: int = 7, pool: str = "max",
+                         protected=None) -> np.ndarray:
+    """select_topk applied to every (layer, KV head) of raw [layer, head, key]
+    on its own: [layer, head, min(budget, keys)] sorted indices, the window
+    and protected tokens kept in every head, as the paper's SpecKV/SnapKV do."""
+    raw = np.asarray(raw, np.float32)
+    if raw.ndim != 3:
+        raise ValueError(f"per-head selection needs scores [layer, head, key], not shape {raw.shape}")
+    return np.stack([np.stack([select_topk(row, budget, window, kernel, pool, protected) for row in layer])
+                     for layer in raw])
+
+
 def select_chunks(raw: np.ndarray, budget: int, chunk: int = 32, window: int = 0, protected=None) -> np.ndarray:
     """SpecPrefill's rule: score 32-token chunks by their mean, keep whole
     chunks, best first, while they fit next to the window and protected tokens."""

@@ -17,12 +17,15 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import registry
+from ._log import logger as log
 from .engine import Model, Sampling, default_threads, iter_text
 from .methods import KVMethod, Method, PromptMethod, SpecKVPC, make_method
 from .scoring import aggregate, prefill_with_capture
 
 Prompt = Union[str, Sequence[dict]]
-STAGES = ("draft_prefill", "lookahead", "scoring", "target_prefill", "decode")
+# "eviction": dropping the unselected KV entries and compacting (or, per
+# head, rewriting) the target's cache
+STAGES = ("draft_prefill", "lookahead", "scoring", "target_prefill", "eviction", "decode")
 
 
 @dataclass
@@ -51,9 +54,11 @@ class Result:
     text: str
     tokens: list
     stats: Stats
-    kept: np.ndarray               # prompt positions the answer was built from
+    kept: np.ndarray               # prompt positions the answer was built from (per-head: their union)
     scores: Optional[np.ndarray]   # the method's score of every prompt token, if it has one
+                                   # (per-head eviction: [layer, kv_head, token])
     prompt_tokens: np.ndarray
+    kept_per_head: Optional[np.ndarray] = None  # [layer, kv_head, C] prompt positions, per-head eviction only
 
 
 def peak_rss() -> int:
@@ -217,6 +222,8 @@ class _Run:
                              "(chat template control tokens and protect_last)")
         self.job = _Job(session, tokens, progress)
         self.kept = np.arange(len(tokens), dtype=np.int32)
+        self.kept_per_head = None
+        self.kv_cells = None  # KV cells the target holds, where that is not len(kept)
         self.scores = None
         self.model = session.target
 
@@ -284,15 +291,42 @@ class _Run:
             else:
                 ctx.prefill(tokens, want="none", progress=self.job.progress)
                 scores = np.zeros(n - 1, np.float32)
-        with self.job.timer("scoring"):
-            keep = method.select(scores, self.budget, protected[protected < n - 1])
-            ctx.seq_keep_positions(0, keep)
-            ctx.compact(0, n_ctx=len(keep) + self.max_tokens + 8)
+        protected = protected[protected < n - 1]
+        per_head = method.granularity == "head" and method.captures and self._keep_per_head(
+            method, ctx, raw[..., : n - 1], protected, positions)
+        if not per_head:
+            with self.job.timer("scoring"):
+                keep = method.select(scores, self.budget, protected)
+            with self.job.timer("eviction"):
+                ctx.seq_keep_positions(0, keep)
+                ctx.compact(0, n_ctx=len(keep) + self.max_tokens + 8)
+            self.kept = positions[np.append(keep, n - 1)]
+            self.scores = scores
         with self.job.timer("target_prefill"):
             ctx.prefill(tokens[-1:])
-        self.scores = scores
-        self.kept = positions[np.append(keep, n - 1)]
         return ctx
+
+    def _keep_per_head(self, method, ctx, raw, protected, positions) -> bool:
+        """Every layer and KV head keeps its own entries; the C cells take the
+        positions just before the last prompt token, which is then decoded at
+        its own. False (and a warning) where the model's KV cache cannot be
+        rewritten: the caller keeps one set instead."""
+        n = raw.shape[-1] + 1
+        with self.job.timer("scoring"):
+            keep = method.select_per_head(raw, self.budget, protected)
+        c = keep.shape[-1]
+        try:
+            with self.job.timer("eviction"):
+                ctx.keep_per_head(0, keep, np.arange(n - 1 - c, n - 1, dtype=np.int32),
+                                  n_ctx=c + self.max_tokens + 8)
+        except ValueError as e:
+            log.warning("%s: per-head eviction unavailable (%s); keeping one set for all heads", method.name, e)
+            return False
+        self.kept_per_head = positions[keep]
+        self.scores = raw
+        self.kept = np.append(np.unique(self.kept_per_head), positions[n - 1]).astype(np.int32)
+        self.kv_cells = c + 1
+        return True
 
     def _cascade(self, m: SpecKVPC):
         tokens, protected = self.tokens, self.protected
@@ -339,13 +373,15 @@ class Stream:
             yield from iter_text(run.model, counted())
             t_end = time.perf_counter()
             job.times["decode"] = t_end - t_dec
-            stats = Stats(method=run.method.name, prompt_tokens=len(run.tokens), kept_tokens=len(run.kept),
+            stats = Stats(method=run.method.name, prompt_tokens=len(run.tokens), kept_tokens=run.kv_cells or len(run.kept),
                           budget=run.budget, generated_tokens=len(tokens), times=job.times,
                           ttft_s=(first or t_end) - t0,
                           decode_tok_s=(len(tokens) - 1) / (t_end - first) if first and len(tokens) > 1
                           and t_end > first else float("nan"),
-                          target_kv_bytes=len(run.kept) * run.model.kv_bytes_per_token, peak_rss_bytes=peak_rss())
+                          target_kv_bytes=(run.kv_cells or len(run.kept)) * run.model.kv_bytes_per_token,
+                          peak_rss_bytes=peak_rss())
             self.result = Result(text=run.model.detokenize(tokens), tokens=tokens, stats=stats,
-                                 kept=np.asarray(run.kept, np.int32), scores=run.scores, prompt_tokens=run.tokens)
+                                 kept=np.asarray(run.kept, np.int32), scores=run.scores, prompt_tokens=run.tokens,
+                                 kept_per_head=run.kept_per_head)
         finally:
             job.close()

@@ -49,9 +49,17 @@ def test_every_method_honours_the_budget(session, messages, name, level):
     stage = METHODS[name].stage
     # prompt methods keep `budget` tokens; KV methods keep `budget` entries
     # plus the last prompt token, decoded again
-    assert len(kept) <= budget + (stage != "prompt")
-    assert r.stats.kept_tokens == len(kept)
-    assert r.stats.target_kv_bytes == len(kept) * session.target.kv_bytes_per_token
+    if r.kept_per_head is None:
+        assert len(kept) <= budget + (stage != "prompt")
+        assert r.stats.kept_tokens == len(kept)
+    else:
+        # every layer and KV head keeps `budget` entries of its own (their
+        # union is `kept`), plus the last prompt token
+        target = session.target
+        assert r.kept_per_head.shape == (target.n_layer, target.n_head_kv, budget)
+        assert set(np.unique(r.kept_per_head)) | {n - 1} == set(kept.tolist())
+        assert r.stats.kept_tokens == budget + 1
+    assert r.stats.target_kv_bytes == r.stats.kept_tokens * session.target.kv_bytes_per_token
     # the chat template's control tokens survive
     control = [i for i, t in enumerate(r.prompt_tokens) if session.target.is_control(int(t))]
     assert set(control) <= set(kept.tolist())
@@ -84,6 +92,23 @@ def test_speckv_production_path_matches_the_rule(session, messages):
     want = selection.select_topk(r.scores, 128, 32, 7, "max", protected_[protected_ < n - 1])
     assert len(r.scores) == n - 1
     assert np.array_equal(r.kept, np.append(want, n - 1))
+
+
+@pytest.mark.parametrize("name", ["speckv", "snapkv"])
+def test_per_head_production_path_matches_the_rule(session, messages, name):
+    options = {"lookahead": 8} if name == "speckv" else {}
+    r = session.generate(messages, method=name, budget=128, max_tokens=4, granularity="head", **options)
+    n = len(r.prompt_tokens)
+    target = session.target
+    protected_ = protected(session, messages, r.prompt_tokens)
+    assert r.scores.shape == (target.n_layer, target.n_head_kv, n - 1)
+    want = selection.select_topk_per_head(r.scores, 128, 32, 7, "max", protected_[protected_ < n - 1])
+    assert np.array_equal(r.kept_per_head, want)
+    # heads really differ, and each keeps the window and the protected tokens
+    assert len(np.unique(r.kept_per_head.reshape(-1, 128), axis=0)) > 1
+    must = set(range(n - 33, n - 1)) | set(protected_[protected_ < n - 1].tolist())
+    assert all(must <= set(row.tolist()) for row in r.kept_per_head.reshape(-1, 128))
+    assert r.stats.times["eviction"] > 0
 
 
 def test_lookahead_changes_speckv_scores(session, messages):
@@ -123,6 +148,7 @@ def test_bad_budget(session, messages, budget):
     ("nope", {}, "unknown method"),
     ("speckv", {"kernel": 6}, "odd"),
     ("speckv", {"window": -1}, "window"),
+    ("snapkv", {"granularity": "layer"}, "granularity"),
     ("specpc", {"pool": "median"}, "pool"),
     ("specpc", {"reduction": "mean"}, "reduction"),
     ("specpc", {"lookahead": 0}, "lookahead"),

@@ -9,6 +9,12 @@ from typing import ClassVar
 import numpy as np
 
 
+# KV methods keep one set of entries for all layers and heads ("token") or
+# one per layer and KV head ("head", by state rewrite); see the README.
+GRANULARITIES = ("head", "token")
+DEFAULT_GRANULARITY = "token"
+
+
 @dataclass
 class Method:
     """Base of every method. `stage` says where it prunes: 'prompt' (the
@@ -53,6 +59,10 @@ class PromptMethod(Method):
     def select(self, scores: np.ndarray, budget: int, protected: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def select_per_head(self, scores: np.ndarray, budget: int, protected: np.ndarray) -> np.ndarray:
+        """scores [layer, kv_head, key] -> kept [layer, kv_head, C]."""
+        raise NotImplementedError(f"{self.name} has no per-head selection")
+
 
 @dataclass
 class KVMethod(Method):
@@ -62,6 +72,7 @@ class KVMethod(Method):
 
     stage: ClassVar[str] = "kv"
     captures: ClassVar[bool] = True
+    granularity: ClassVar[str] = "token"  # methods that can keep per-head sets make it a field
 
     def lookahead_tokens(self, job) -> np.ndarray:
         """Tokens appended after the prompt as extra observation queries."""
@@ -69,3 +80,7 @@ class KVMethod(Method):
 
     def select(self, scores: np.ndarray, budget: int, protected: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def select_per_head(self, scores: np.ndarray, budget: int, protected: np.ndarray) -> np.ndarray:
+        """scores [layer, kv_head, key] -> kept [layer, kv_head, C]."""
+        raise NotImplementedError(f"{self.name} has no per-head selection")

@@ -11,7 +11,8 @@ class SnapKV(SpecKV):
     """KV-cache dropping scored by the last prompt queries alone (SnapKV, Li
     et al. 2024): SpecKV's scoring with no lookahead, so no draft is needed.
 
-    Args: window=32, kernel=7, pool="max", reduction="max", aggregation="max".
+    Args: window=32, kernel=7, pool="max", reduction="max", aggregation="max",
+    granularity (see SpecKV).
     """
 
     name: ClassVar[str] = "snapkv"

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import selection
 from ..scoring import REDUCTIONS, greedy_lookahead
-from .base import KVMethod
+from .base import DEFAULT_GRANULARITY, GRANULARITIES, KVMethod
 
 
 @dataclass
@@ -16,14 +16,18 @@ class SpecKV(KVMethod):
     The draft drafts `lookahead` tokens; the target prefills the prompt and
     the drafted tokens; the attention of the last `window` + 1 prompt queries
     and of the drafted tokens, reduced over query rows and the query heads of
-    each KV group by `reduction`, then over layers and KV heads by
-    `aggregation`, scores each prompt KV entry. Scores are pooled with
-    `kernel` (odd); the top `budget` - `window` entries and the window are
-    kept, everything else (the last prompt token and the drafted tokens too)
-    is dropped; the last prompt token is decoded again at its position.
+    each KV group by `reduction`, score each prompt KV entry per layer and
+    KV head. With granularity="head" (the paper's rule) every layer and KV
+    head keeps its own top entries; with "token" the scores are first
+    reduced over layers and heads by `aggregation` and one set is kept for
+    all. Scores are pooled with `kernel` (odd); the top `budget` - `window`
+    entries and the window are kept, everything else (the last prompt token
+    and the drafted tokens too) is dropped; the last prompt token is decoded
+    again at its position.
 
     Args: window=32, kernel=7, pool="max", reduction="max", aggregation="max",
-    lookahead=64 (the paper uses the task's answer length).
+    granularity=DEFAULT_GRANULARITY, lookahead=64 (the paper uses the task's
+    answer length).
     """
 
     name: ClassVar[str] = "speckv"
@@ -33,6 +37,7 @@ class SpecKV(KVMethod):
     pool: str = "max"
     reduction: str = "max"
     aggregation: str = "max"
+    granularity: str = DEFAULT_GRANULARITY
     lookahead: int = 64
 
     def validate(self) -> None:
@@ -43,6 +48,7 @@ class SpecKV(KVMethod):
         self._choice("pool", self.pool, selection.POOLS)
         self._choice("reduction", self.reduction, REDUCTIONS)
         self._choice("aggregation", self.aggregation, REDUCTIONS)
+        self._choice("granularity", self.granularity, GRANULARITIES)
 
     def lookahead_tokens(self, job) -> np.ndarray:
         if job.draft_tokens is not None:
@@ -58,3 +64,6 @@ class SpecKV(KVMethod):
 
     def select(self, scores, budget, protected):
         return selection.select_topk(scores, budget, self.window, self.kernel, self.pool, protected)
+
+    def select_per_head(self, scores, budget, protected):
+        return selection.select_topk_per_head(scores, budget, self.window, self.kernel, self.pool, protected)

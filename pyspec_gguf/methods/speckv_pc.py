@@ -1,7 +1,7 @@
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .base import Method
+from .base import DEFAULT_GRANULARITY, Method
 from .speckv import SpecKV
 from .specpc import SpecPC
 
@@ -14,7 +14,7 @@ class SpecKVPC(Method):
     drafted tokens as its lookahead.
 
     Args: pc_budget=2048, kernel=32 and neighbours=32 for the SpecPC stage,
-    lookahead=64, and SpecKV's window=32, kv_kernel=7.
+    lookahead=64, and SpecKV's window=32, kv_kernel=7, granularity.
     """
 
     name: ClassVar[str] = "speckv_pc"
@@ -26,10 +26,12 @@ class SpecKVPC(Method):
     lookahead: int = 64
     window: int = 32
     kv_kernel: int = 7
+    granularity: str = DEFAULT_GRANULARITY
     prompt_stage: SpecPC = field(init=False, repr=False)
     kv_stage: SpecKV = field(init=False, repr=False)
 
     def validate(self) -> None:
         self._positive(pc_budget=self.pc_budget)
         self.prompt_stage = SpecPC(kernel=self.kernel, neighbours=self.neighbours, lookahead=max(1, self.lookahead))
-        self.kv_stage = SpecKV(window=self.window, kernel=self.kv_kernel, lookahead=self.lookahead)
+        self.kv_stage = SpecKV(window=self.window, kernel=self.kv_kernel, lookahead=self.lookahead,
+                               granularity=self.granularity)
