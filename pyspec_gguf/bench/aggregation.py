@@ -59,7 +59,7 @@ def main(args) -> None:
             n = len(tokens)
             protected = s.protected_positions(tokens, s.template_tail(task.messages, tokens) + 48)
             protected = protected[protected < n - 1]
-            with s.draft.context(n_ctx=n + 8, **opts) as dctx:
+            with s.draft.context(n_ctx=n + args.lookahead + 8, **opts) as dctx:
                 dctx.prefill(tokens)
                 lookahead, _ = greedy_lookahead(dctx, s.draft, args.lookahead)
             with s.target.context(n_ctx=n + len(lookahead) + 2 * args.max_tokens + 16, n_seq_max=2, **opts) as ctx:

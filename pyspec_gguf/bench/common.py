@@ -32,14 +32,15 @@ def machine() -> dict:
 
 
 def command() -> str:
-    flags = ["-P"] if getattr(sys.flags, "safe_path", False) else []
-    return " ".join(shlex.quote(a) for a in ["python", *flags, "-m", _module_name()] + sys.argv[1:])
-
-
-def _module_name() -> str:
+    """The command line of this process, as it was typed."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    return spec.name if spec else sys.argv[0]
+    if spec is None:  # a console script such as pyspec-gguf
+        words = [os.path.basename(sys.argv[0])]
+    else:
+        flags = ["-P"] if getattr(sys.flags, "safe_path", False) else []
+        words = ["python", *flags, "-m", spec.name.removesuffix(".__main__")]
+    return " ".join(shlex.quote(a) for a in words + sys.argv[1:])
 
 
 def append_result(path: Path, row: dict) -> None:

@@ -4,9 +4,9 @@ import argparse
 import logging
 import sys
 
-from . import ask, models
+from . import ask, bench, models
 
-COMMANDS = {"ask": ask, "models": models}
+COMMANDS = {"ask": ask, "models": models, "bench": bench}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,69 @@
+"""One method on one prompt, end to end through SpecSession.generate, in a
+process of its own so that its time to first token and peak RSS are its
+alone: the timing side of the benchmark. Prints one JSON object.
+
+With --floor (SpecPC), also measures what SpecPC cannot go below: the
+draft's plain prefill of the prompt and the target's prefill of the kept
+tokens, each alone, after the method's own run.
+
+    python -m pyspec_gguf.bench.single --method specpc --budget 1024 --tokens 8192 --task niah_single --floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ..session import SpecSession
+from .tasks import TASKS, make_task
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default="", help="draft model (default: the registry's)")
+    p.add_argument("--target", default=None, help="target model (default: the registry's)")
+    p.add_argument("--method", required=True, help="a method name, or name@head / name@token")
+    p.add_argument("--budget", type=int, required=True)
+    p.add_argument("--tokens", type=int, required=True, help="context length of the task prompt")
+    p.add_argument("--task", default="niah_single", choices=list(TASKS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--floor", action="store_true")
+
+
+def run(args) -> dict:
+    name, _, granularity = args.method.partition("@")
+    options = {"granularity": granularity} if granularity else {}
+    with SpecSession(draft=args.draft, target=args.target, progress=False) as s:
+        task = make_task(args.task, s.target, args.tokens, args.seed)
+        r = s.generate(task.messages, method=name, budget=args.budget, max_tokens=task.max_tokens, **options)
+        st = r.stats
+        row = {"answer": r.text, "score": task.score(r.text), "prompt_tokens": st.prompt_tokens,
+               "kept_tokens": st.kept_tokens, "ttft_s": st.ttft_s, "times": st.times,
+               "decode_tok_s": st.decode_tok_s, "generated_tokens": st.generated_tokens,
+               "target_kv_bytes": st.target_kv_bytes, "peak_rss_bytes": st.peak_rss_bytes}
+        if args.floor:
+            row["floor"] = floor(s, r)
+    return row
+
+
+def floor(s: SpecSession, r) -> dict:
+    """The draft's plain prefill of the prompt, then the target's prefill
+    of the kept tokens, each alone."""
+    tokens = r.prompt_tokens
+    times = {}
+    with s.draft.context(n_ctx=len(tokens) + 8, **s.context_options) as ctx:
+        t0 = time.perf_counter()
+        ctx.prefill(tokens)
+        times["draft_prefill_s"] = time.perf_counter() - t0
+    with s.target.context(n_ctx=len(r.kept) + 8, **s.context_options) as ctx:
+        t0 = time.perf_counter()
+        ctx.prefill(tokens[r.kept])
+        times["target_prefill_s"] = time.perf_counter() - t0
+    times["floor_s"] = times["draft_prefill_s"] + times["target_prefill_s"]
+    return times
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(parser)
+    print(json.dumps(run(parser.parse_args())))

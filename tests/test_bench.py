@@ -1,0 +1,102 @@
+"""The benchmark harness on its quick profile (SmolLM2 as draft and target),
+so that it cannot rot; and the tasks it is made of."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pyspec_gguf.bench import report
+from pyspec_gguf.bench.forks import VARIANTS
+from pyspec_gguf.bench.tasks import TASKS, make_task
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_tasks_fit_the_length_and_score_like_ruler(small, name):
+    task = make_task(name, small, 1024, seed=3)
+    again = make_task(name, small, 1024, seed=3)
+    assert task == again  # generated from the seed alone
+    n = len(small.tokenize_prompt(task.messages))
+    assert 0.85 * 1024 <= n <= 1.1 * 1024, n
+    content = task.messages[-1]["content"]
+    if name not in ("common_words", "frequent_words"):
+        for expected in task.expected:
+            assert expected in content  # the facts are in the prompt
+    assert task.score(" ".join(task.expected)) == 1.0
+    assert task.score("nothing at all") == 0.0
+    if len(task.expected) > 1:
+        assert task.score(task.expected[0]) == pytest.approx(1 / len(task.expected))
+
+
+def test_word_tasks_count_right(small):
+    words = make_task("common_words", small, 1024, seed=1)
+    listed = re.findall(r"\d+\. (\w+)", words.messages[0]["content"])
+    counts = {w: listed.count(w) for w in set(listed)}
+    repeats = counts[words.expected[0]]
+    assert repeats >= 3 and all(counts[w] == repeats for w in words.expected)
+    assert max(c for w, c in counts.items() if w not in words.expected) <= 2
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "pyspec_gguf", "bench", "--profile", "quick", "--out", str(out),
+           "--tasks", "niah_single,variable_tracking"]
+    done = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, cmd, done.stdout
+
+
+@pytest.mark.bench
+def test_quick_profile_writes_every_row(quick):
+    out, _, stdout = quick
+    rows = [json.loads(line) for line in (out / "latest.jsonl").read_text().splitlines()]
+    got = {(r["method"], r["budget"]) for r in rows}
+    assert got == {("full", None)} | {(v, b) for v in VARIANTS if v != "full" for b in (128, 256)}
+    for r in rows:
+        assert r["context_tokens"] == 1024 and r["n_samples"] == 2
+        assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_task"]) == {"niah_single", "variable_tracking"}
+        assert r["ttft_s"] > 0 and r["peak_rss_bytes"] > 0 and r["decode_tok_s"] > 0
+        assert r["machine"]["cores"] >= 1 and r["models"]["target"] and r["commands"]
+        # the end-to-end run of each method answered as its shared-prefill fork did
+        assert r["timed_answer_matches"] is True, r["method"]
+    by = {(r["method"], r["budget"]): r for r in rows}
+    assert by[("full", None)]["ttft_vs_full"] == 1.0 and by[("full", None)]["kv_vs_full"] == 1.0
+    for budget in (128, 256):
+        n = by[("full", None)]["prompt_tokens"]
+        for v in ("speckv@head", "speckv@token", "snapkv@head", "snapkv@token", "streamingllm"):
+            assert by[(v, budget)]["kv_vs_full"] == pytest.approx((budget + 1) / n, rel=0.02)
+        assert by[("specpc", budget)]["ttft_floor_s"] > 0
+    table = (out / "latest.md").read_text()
+    assert "| speckv@head | 128 |" in table and "Accuracy per task" in table
+    assert "| 1024 (" in stdout
+
+
+@pytest.mark.bench
+def test_quick_profile_resumes_without_redoing(quick):
+    out, cmd, _ = quick
+    before = (out / "runs.jsonl").read_text()
+    done = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "runs.jsonl").read_text() == before
+
+
+@pytest.mark.bench
+def test_quick_profile_plots(quick):
+    pytest.importorskip("matplotlib")
+    out, _, _ = quick
+    for name in ("accuracy.png", "cost.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_nothing(tmp_path):
+    assert report.build(tmp_path / "runs.jsonl", tmp_path, "quick") == []
+    assert (tmp_path / "latest.md").read_text() == "No results yet.\n"
+
+
+def test_bad_bench_arguments():
+    from pyspec_gguf.cli.main import main
+    assert main(["bench", "--tasks", "nope"]) == 2
+    assert main(["bench", "--variants", "speckv@layer"]) == 2
