@@ -382,7 +382,8 @@ class Stream:
             yield from iter_text(run.model, counted())
             t_end = time.perf_counter()
             job.times["decode"] = t_end - t_dec
-            stats = Stats(method=run.method.name, prompt_tokens=len(run.tokens), kept_tokens=run.kv_cells or len(run.kept),
+            stats = Stats(method=run.method.name, prompt_tokens=len(run.tokens),
+                          kept_tokens=run.kv_cells or len(run.kept),
                           budget=run.budget, generated_tokens=len(tokens), times=job.times,
                           ttft_s=(first or t_end) - t0,
                           decode_tok_s=(len(tokens) - 1) / (t_end - first) if first and len(tokens) > 1

@@ -1,10 +1,10 @@
 """Which aggregation of per-layer, per-KV-head scores keeps accuracy best when
 llama.cpp must keep one token set for all layers and heads.
 
-One draft pass and one target prefill per prompt serve every variant: the
-target's prompt KV stays in sequence 0; each variant copies it to sequence
-1 (shared cells, no copy), keeps its selection there, decodes the last
-prompt token again and generates. Accuracy only: no timing is taken.
+One draft pass and one target prefill per prompt serve every variant
+(`forks.py`): each variant forks the prompt's KV (shared cells, no copy),
+keeps its selection, decodes the last prompt token again and generates.
+Accuracy only: no timing is taken.
 
     python -m pyspec_gguf.bench.aggregation --tokens 4096 --samples 4 --budgets 128,256,512
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import registry, selection
-from ..scoring import greedy_lookahead
 from ..session import SpecSession
 from .common import append_result
+from .forks import PromptForks
 from .tasks import single_needle
 
 WINDOW, KERNEL = 32, 7
@@ -43,7 +43,6 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--budgets", default="128,256,512")
-    p.add_argument("--lookahead", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--out", default="bench/results/aggregation.jsonl")
 
@@ -52,52 +51,32 @@ def main(args) -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     models = {"draft": registry.default_model("draft"), "target": registry.default_model("target")}
     with SpecSession(progress=False) as s:
-        opts = s.context_options
         for seed in range(args.samples):
             task = single_needle(s.target, args.tokens, seed)
             tokens = s.tokenize(task.messages)
             n = len(tokens)
             protected = s.protected_positions(tokens, s.template_tail(task.messages, tokens) + 48)
+            forks = PromptForks(s, tokens, protected, args.max_tokens)
             protected = protected[protected < n - 1]
-            with s.draft.context(n_ctx=n + args.lookahead + 8, **opts) as dctx:
-                dctx.prefill(tokens)
-                lookahead, _ = greedy_lookahead(dctx, s.draft, args.lookahead)
-            with s.target.context(n_ctx=n + len(lookahead) + 2 * args.max_tokens + 16, n_seq_max=2, **opts) as ctx:
-                layers = np.arange(s.target.n_layer, dtype=np.int32)
-                ctx.capture_arm(layers, np.arange(n - WINDOW - 1, n + len(lookahead), dtype=np.int32), None, "max")
-                ctx.prefill(tokens, want="none")
-                window_rows, _ = ctx.capture_take()
-                ctx.prefill(lookahead, want="none")
-                lookahead_rows, _ = ctx.capture_take()
-                ctx.capture_disarm()
-                ctx.seq_rm(0, n - 1, -1)  # seq 0: the prompt's KV but the last token
-                raw = {"snapkv": window_rows[..., : n - 1],
-                       "speckv": np.maximum(window_rows[..., : n - 1], lookahead_rows[..., : n - 1])}
-
-                def answer(keep):
-                    ctx.seq_cp(0, 1)
-                    ctx.seq_keep_positions(1, keep)
-                    ctx.prefill(tokens[-1:], seq=1)
-                    text = s.target.detokenize(list(ctx.generate(args.max_tokens, seq=1)))
-                    ctx.seq_rm(1, -1, -1)
-                    return text
-
-                full = answer(np.arange(n - 1, dtype=np.int32))
+            try:
+                full, _ = forks.keep_answer(np.arange(n - 1, dtype=np.int32))
                 append_result(Path(args.out), {"bench": "aggregation", "models": models, "seed": seed,
                                                "prompt_tokens": n, "variant": "full", "budget": n,
                                                "answer": full, "score": task.score(full)})
                 for budget in budgets:
-                    for method, scores in raw.items():
+                    for method in ("snapkv", "speckv"):
                         for how in ("max", "sum", "votes"):
-                            keep = selection.select_topk(aggregate(scores, how, budget), budget, WINDOW, KERNEL,
-                                                         protected=protected)
-                            text = answer(keep)
+                            keep = selection.select_topk(aggregate(forks.raw[method], how, budget), budget, WINDOW,
+                                                         KERNEL, protected=protected)
+                            text, _ = forks.keep_answer(keep)
                             row = {"bench": "aggregation", "models": models, "seed": seed, "prompt_tokens": n,
                                    "variant": f"{method}@{how}", "budget": budget, "answer": text,
                                    "score": task.score(text)}
                             append_result(Path(args.out), row)
                             print(f"seed {seed} budget {budget:4d} {row['variant']:12s} score {row['score']:.0f} "
                                   f"{text.strip()[:40]!r}", flush=True)
+            finally:
+                forks.close()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ context length against `SpecSession.generate`.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from .. import selection
 from ..methods import SnapKV, SpecKV, SpecKVPC, SpecPC, StreamingLLM
 from ..scoring import aggregate, greedy_lookahead, prefill_with_capture
 
@@ -39,6 +40,7 @@ class PromptForks:
                                           **session.context_options)
         self.raw = self._capture(self.ctx, tokens, progress)
         self._cascade_ctx = None
+        self.rewrite_s = None  # seconds of the last per-head rewrite, into a fresh context
 
     # -- shared passes
     def _draft_pass(self, progress):
@@ -80,6 +82,15 @@ class PromptForks:
         out = list(ctx.generate(self.max_tokens, seq=seq))
         return self.s.target.detokenize(out)
 
+    def keep_answer(self, keep) -> tuple[str, int]:
+        """The answer from the prompt KV entries `keep` (one set for all
+        heads) and the last prompt token decoded again."""
+        return self._by_token(self.ctx, self.tokens, keep)
+
+    def per_head_answer(self, keep) -> tuple[str, int]:
+        """The same with keep[layer, kv_head] kept per head (state rewrite)."""
+        return self._by_head(self.ctx, self.tokens, keep)
+
     def _by_token(self, ctx, tokens, keep):
         ctx.seq_cp(0, 1)
         ctx.seq_keep_positions(1, keep)
@@ -90,9 +101,11 @@ class PromptForks:
 
     def _by_head(self, ctx, tokens, keep):
         n, c = len(tokens), keep.shape[-1]
+        t0 = time.perf_counter()
         blob = ctx.state_rewrite(ctx.state_get(0), keep, np.arange(n - 1 - c, n - 1, dtype=np.int32))
         with self.s.target.context(n_ctx=c + self.max_tokens + 16, **self.s.context_options) as small:
             small.load_state(0, blob)
+            self.rewrite_s = time.perf_counter() - t0
             return self._generate(small, tokens, 0), c + 1
 
     def _kv(self, ctx, tokens, raw, protected, budget, granularity, method):

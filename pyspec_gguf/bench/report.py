@@ -50,7 +50,8 @@ def build(runs: Path, out: Path, profile: str) -> list:
         rows.append({
             "profile": profile, "method": variant, "budget": budget or None, "context_tokens": context,
             "prompt_tokens": round(mean(r["prompt_tokens"] for r in rs)), "n_samples": len(rs),
-            "accuracy": mean(scores), "accuracy_se": pstdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0,
+            "accuracy": mean(scores),
+            "accuracy_se": pstdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0,
             "accuracy_vs_full": _ratio(mean(scores), mean(r["score"] for r in full_rs) if full_rs else None),
             "per_task": {k: mean(v) for k, v in sorted(per_task.items())},
             "ttft_s": ttft, "ttft_vs_full": _ratio(ttft, full_t["ttft_s"] if full_t else None),

@@ -125,19 +125,20 @@ def measure(prof: Profile, variants: list, runs: Path) -> None:
     models = {"draft": draft, "target": target}
     done = _done(runs)
     timed = [(v, b) for v in variants for b in ([0] if v == "full" else prof.timed.get(v, prof.budgets))]
-    units = [(c, t, s) for c in prof.contexts for s in range(prof.samples) for t in prof.tasks]
-    bar = tqdm(total=len(units) + len(prof.contexts) * len(timed), desc="bench", unit="run", dynamic_ncols=True)
-    with SpecSession(draft=draft, target=target, progress=False) as session:
-        for context, task_name, seed in units:
-            base = {"kind": "answer", "models": models, "context_tokens": context, "task": task_name, "seed": seed}
-            todo = [(v, b) for v in variants for b in ([0] if v == "full" else prof.budgets)
-                    if _key({**base, "variant": v, "budget": b}) not in done]
-            if todo:
-                bar.set_postfix_str(f"{task_name} @ {context}")
-                answer_prompt(session, base, todo, runs)
-            bar.update()
-    # end-to-end timing runs, each in a fresh process, after the models are released
+    prompts = [(t, s) for s in range(prof.samples) for t in prof.tasks]
+    bar = tqdm(total=len(prof.contexts) * (len(prompts) + len(timed)), desc="bench", unit="run", dynamic_ncols=True)
     for context in prof.contexts:
+        with SpecSession(draft=draft, target=target, progress=False) as session:
+            for task_name, seed in prompts:
+                base = {"kind": "answer", "models": models, "context_tokens": context, "task": task_name,
+                        "seed": seed}
+                todo = [(v, b) for v in variants for b in ([0] if v == "full" else prof.budgets)
+                        if _key({**base, "variant": v, "budget": b}) not in done]
+                if todo:
+                    bar.set_postfix_str(f"{task_name} @ {context}")
+                    answer_prompt(session, base, todo, runs)
+                bar.update()
+        # end-to-end timing runs, each in a fresh process, once the models are released here
         for variant, budget in timed:
             row = {"kind": "timing", "models": models, "context_tokens": context, "variant": variant,
                    "budget": budget, "task": prof.tasks[0], "seed": 0}
