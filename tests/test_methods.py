@@ -111,6 +111,15 @@ def test_per_head_production_path_matches_the_rule(session, messages, name):
     assert r.stats.times["eviction"] > 0
 
 
+def test_method_names_with_granularity():
+    assert make_method("speckv@head").granularity == "head"
+    assert make_method("snapkv@token", window=8).window == 8
+    for bad, match in [("specpc@head", "bad option"), ("speckv@layer", "granularity"),
+                       ("nope@head", "unknown method")]:
+        with pytest.raises(ValueError, match=match):
+            make_method(bad)
+
+
 def test_lookahead_changes_speckv_scores(session, messages):
     snap = session.generate(messages, method="snapkv", budget=128, max_tokens=2)
     spec = session.generate(messages, method="speckv", budget=128, max_tokens=2, lookahead=16)

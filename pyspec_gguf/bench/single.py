@@ -31,11 +31,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    name, _, granularity = args.method.partition("@")
-    options = {"granularity": granularity} if granularity else {}
     with SpecSession(draft=args.draft, target=args.target, progress=False) as s:
         task = make_task(args.task, s.target, args.tokens, args.seed)
-        r = s.generate(task.messages, method=name, budget=args.budget, max_tokens=task.max_tokens, **options)
+        r = s.generate(task.messages, method=args.method, budget=args.budget, max_tokens=task.max_tokens)
         st = r.stats
         row = {"answer": r.text, "score": task.score(r.text), "prompt_tokens": st.prompt_tokens,
                "kept_tokens": st.kept_tokens, "ttft_s": st.ttft_s, "times": st.times,

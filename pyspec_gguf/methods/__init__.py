@@ -19,7 +19,13 @@ METHODS = {m.name: m for m in (Full, DraftOnly, SpecPC, SpecKV, SpecKVPC, SnapKV
 
 
 def make_method(name: str, **options) -> Method:
-    """Build a method by name with its options, validated."""
+    """Build a method by name with its options, validated. "speckv@head" is
+    short for speckv with granularity="head" (the benchmark's row names)."""
+    name, at, granularity = name.partition("@")
+    if at:
+        if "granularity" in options:
+            raise ValueError(f"{name}@{granularity}: granularity given twice")
+        options["granularity"] = granularity
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     try:
