@@ -91,6 +91,15 @@ def test_quick_profile_plots(quick):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_interrupted_last_line_is_dropped(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text('{"kind": "timing"}\n{"kind": "answ')
+    assert report.load_runs(runs) == [{"kind": "timing"}]
+    runs.write_text('{"kind": "answ\n{"kind": "timing"}\n')
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        report.load_runs(runs)
+
+
 def test_report_of_nothing(tmp_path):
     assert report.build(tmp_path / "runs.jsonl", tmp_path, "quick") == []
     assert (tmp_path / "latest.md").read_text() == "No results yet.\n"

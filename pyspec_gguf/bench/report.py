@@ -13,10 +13,20 @@ from statistics import mean, pstdev
 from .common import machine
 
 
-def _load(path: Path) -> list:
+def load_runs(path: Path) -> list:
+    """The rows of runs.jsonl; a last line cut short by an interrupted run is
+    dropped (its measurement is simply taken again)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
 
 
 def _ratio(a, b):
@@ -24,7 +34,7 @@ def _ratio(a, b):
 
 
 def build(runs: Path, out: Path, profile: str) -> list:
-    raw = _load(runs)
+    raw = load_runs(runs)
     answers = [r for r in raw if r["kind"] == "answer"]
     timings = {(r["context_tokens"], r["variant"], r["budget"]): r for r in raw if r["kind"] == "timing"}
     groups = defaultdict(list)

@@ -94,12 +94,7 @@ def resolve(args) -> tuple[Profile, list]:
 
 
 def _done(path: Path) -> set:
-    keys = set()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                keys.add(_key(json.loads(line)))
-    return keys
+    return {_key(row) for row in report.load_runs(path)}
 
 
 def _key(row: dict) -> tuple:
