@@ -21,11 +21,9 @@ import numpy as np
 from ..methods import SnapKV, SpecKV, SpecKVPC, SpecPC, StreamingLLM
 from ..scoring import aggregate, greedy_lookahead, prefill_with_capture
 
-# the benchmark's variants: method name -> granularity (None: not a KV method)
-VARIANTS = {
-    "full": None, "specpc": None, "speckv@head": "head", "speckv@token": "token", "snapkv@head": "head",
-    "snapkv@token": "token", "speckv_pc": None, "streamingllm": None,
-}
+# the benchmark's variants; "@head" / "@token" name a KV method's granularity
+VARIANTS = ("full", "specpc", "speckv@head", "speckv@token", "snapkv@head", "snapkv@token", "speckv_pc",
+            "streamingllm")
 
 
 class PromptForks:
