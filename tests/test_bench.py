@@ -109,3 +109,50 @@ def test_bad_bench_arguments():
     from pyspec_gguf.cli.main import main
     assert main(["bench", "--tasks", "nope"]) == 2
     assert main(["bench", "--variants", "speckv@layer"]) == 2
+
+
+MACHINE = {"cpu": "test cpu", "cores": 2, "platform": "test"}
+
+
+def _answer(variant, budget, task, score, kv):
+    return {"kind": "answer", "context_tokens": 8192, "task": task, "seed": 0, "variant": variant, "budget": budget,
+            "prompt_tokens": 8100, "score": score, "target_kv_bytes": kv, "answer": "", "command": "c",
+            "machine": MACHINE, "models": {}}
+
+
+def _timing(variant, budget, ttft, floor=None):
+    row = {"kind": "timing", "context_tokens": 8192, "variant": variant, "budget": budget, "task": "a", "seed": 0,
+           "ttft_s": ttft, "decode_tok_s": 10.0, "peak_rss_bytes": 1, "times": {}, "answer": "", "command": "c",
+           "machine": MACHINE, "models": {}}
+    if floor:
+        row["floor"] = {"floor_s": floor}
+    return row
+
+
+def test_targets_are_checked_at_the_longest_context(tmp_path):
+    # three prompts; speckv finds what full finds, snapkv nothing
+    scores = {"full": [1, 1, 0.5], "specpc": [1, 0.5, 0.5], "speckv@token": [1, 1, 0.5], "snapkv@token": [0, 0, 0]}
+    rows = [_answer(v, 0 if v == "full" else b, t, s[i], 800 if v == "full" else 100)
+            for v, s in scores.items() for b in (256, 1024) for i, t in enumerate("abc")]
+    rows = [r for i, r in enumerate(rows) if r["variant"] != "full" or i % 2 == 0]  # full once per prompt
+    rows += [_timing("full", 0, 200.0), _timing("specpc", 1024, 120.0, floor=110.0)]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    met = {name.split(": ", 1)[1]: (shown, ok) for name, shown, ok in
+           report.targets(report.build(runs, tmp_path, "full"), report.load_runs(runs))}
+    assert met["specpc TTFT / full's at 1024 <= 0.65"] == ("0.600", True)
+    assert met["specpc TTFT / its floor's at 1024 <= 1.15"] == ("1.091", True)
+    assert met["specpc accuracy / full's at 1024 >= 0.9"] == ("0.800", False)
+    assert met["speckv target KV / full's at 1024 <= 0.2"] == ("0.125", True)
+    assert met["speckv regains >= half of snapkv's loss to full at 256"] == ("regains 0.833 of 0.833", True)
+    assert met["speckv not below snapkv beyond noise at 1024"][1] is True
+    assert "| 8192 tokens: speckv regains" in (tmp_path / "latest.md").read_text()
+    # the other way round it fails, also the paired-noise check
+    swapped = [{**r, "variant": {"speckv@token": "snapkv@token", "snapkv@token": "speckv@token"}.get(r["variant"],
+                                                                                                    r["variant"])}
+               for r in rows]
+    runs.write_text("".join(json.dumps(r) + "\n" for r in swapped))
+    met = {name.split(": ", 1)[1]: ok for name, _, ok in
+           report.targets(report.build(runs, tmp_path, "full"), report.load_runs(runs))}
+    assert met["speckv regains >= half of snapkv's loss to full at 256"] is False
+    assert met["speckv not below snapkv beyond noise at 256"] is False

@@ -8,8 +8,9 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean, pstdev, stdev
 
+from ..methods.base import DEFAULT_GRANULARITY
 from .common import machine
 
 
@@ -78,9 +79,74 @@ def build(runs: Path, out: Path, profile: str) -> list:
     with open(out / "latest.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    (out / "latest.md").write_text(markdown(rows))
+    (out / "latest.md").write_text(markdown(rows, targets(rows, answers)))
     plot(rows, out)
     return rows
+
+
+def _plain(method: str) -> str:
+    """A plain method name means its default granularity."""
+    return f"{method}@{DEFAULT_GRANULARITY}" if method in ("speckv", "snapkv") else method
+
+
+def paired_gap(answers: list, a: str, b: str, context: int, budget: int) -> tuple:
+    """Mean of score(a) - score(b) over the prompts both answered, and its
+    standard error (the prompts are shared, so the pairing removes their
+    difficulty from the noise)."""
+    score = defaultdict(dict)
+    for r in answers:
+        if r["kind"] == "answer" and r["context_tokens"] == context and r["budget"] == budget:
+            score[r["variant"]][(r["task"], r["seed"])] = r["score"]
+    shared = sorted(set(score[_plain(a)]) & set(score[_plain(b)]))
+    gaps = [score[_plain(a)][k] - score[_plain(b)][k] for k in shared]
+    if len(gaps) < 2:
+        return (gaps[0] if gaps else None), None
+    return mean(gaps), stdev(gaps) / math.sqrt(len(gaps))
+
+
+def targets(rows: list, answers: list) -> list:
+    """The project's accuracy, speed and memory targets, checked at the
+    longest context measured: [(target, measured, met)], met None where not
+    measured. `speckv` and `snapkv` are their default granularity."""
+    if not rows:
+        return []
+    context = max(r["context_tokens"] for r in rows)
+    by = {(r["method"], r["budget"]): r for r in rows if r["context_tokens"] == context}
+
+    def get(method, budget, key):
+        r = by.get((_plain(method), budget))
+        return r[key] if r else None
+
+    out = []
+    for method, key, op, goal, label in [
+            ("specpc", "ttft_vs_full", "<=", 0.65, "specpc TTFT / full's"),
+            ("specpc", "ttft_vs_floor", "<=", 1.15, "specpc TTFT / its floor's"),
+            ("specpc", "accuracy_vs_full", ">=", 0.9, "specpc accuracy / full's"),
+            ("speckv", "kv_vs_full", "<=", 0.2, "speckv target KV / full's")]:
+        v = get(method, 1024, key)
+        met = None if v is None else (v <= goal if op == "<=" else v >= goal)
+        out.append((f"{label} at 1024 {op} {goal}", "not measured" if v is None else f"{v:.3f}", met))
+    full, spec, snap = get("full", None, "accuracy"), get("speckv", 256, "accuracy"), get("snapkv", 256, "accuracy")
+    label = "speckv regains >= half of snapkv's loss to full at 256"
+    if None in (full, spec, snap):
+        out.append((label, "not measured", None))
+    else:
+        lost, regained = full - snap, spec - snap
+        out.append((label, f"regains {regained:.3f} of {lost:.3f}", regained >= 0.5 * lost))
+    for budget in sorted(b for m, b in by if m == _plain("speckv") and b is not None):
+        gap, se = paired_gap(answers, "speckv", "snapkv", context, budget)
+        if gap is not None:
+            noise = 2 * se if se is not None else 0.0
+            out.append((f"speckv not below snapkv beyond noise at {budget}",
+                        f"speckv - snapkv = {gap:+.3f} (noise {noise:.3f})", gap >= -noise))
+    return [(f"{context} tokens: {name}", shown, met) for name, shown, met in out]
+
+
+def targets_table(checks: list) -> str:
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for name, shown, ok in checks:
+        lines.append(f"| {name} | {shown} | {'—' if ok is None else 'yes' if ok else 'no'} |")
+    return "\n".join(lines)
 
 
 def _fmt(v, spec, suffix=""):
@@ -111,7 +177,7 @@ def task_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list) -> str:
+def markdown(rows: list, checks: list = ()) -> str:
     if not rows:
         return "No results yet.\n"
     r0 = rows[0]
@@ -124,7 +190,10 @@ def markdown(rows: list) -> str:
             f"samples (± its standard error); TTFT, decode speed and peak RSS come from one end-to-end run per "
             f"row on the first task's prompt (— where not timed); target KV is what the target holds when "
             f"decoding starts. Context: requested length (mean prompt tokens).\n\n"
-            f"{table(rows)}\n\n## Accuracy per task\n\n{task_table(rows)}\n")
+            f"{table(rows)}\n\n## Targets\n\n`speckv` and `snapkv` are their default granularity "
+            f"(`@{DEFAULT_GRANULARITY}`); the noise of a gap between two methods is twice the standard error of "
+            f"their score difference over the same prompts.\n\n{targets_table(checks)}\n\n"
+            f"## Accuracy per task\n\n{task_table(rows)}\n")
 
 
 def plot(rows: list, out: Path) -> None:
