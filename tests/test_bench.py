@@ -30,6 +30,17 @@ def test_tasks_fit_the_length_and_score_like_ruler(small, name):
         assert task.score(task.expected[0]) == pytest.approx(1 / len(task.expected))
 
 
+@pytest.mark.parametrize("name", list(TASKS))
+def test_answer_fits_even_restated_and_numbered(small, name):
+    # chat models often repeat the prompt's answer lead, then list the items
+    # one per line; a cut answer would count as a miss of the method
+    task = make_task(name, small, 1024, seed=3)
+    content = task.messages[-1]["content"]
+    lead = content.rsplit("Answer:", 1)[-1] if "Answer:" in content else content.rsplit("?", 1)[-1]
+    verbose = lead.strip() + ":\n\n" + "\n".join(f"{i}. {e}" for i, e in enumerate(task.expected, 1)) + "\n"
+    assert len(small.tokenize(verbose, add_special=False)) <= task.max_tokens
+
+
 def test_word_tasks_count_right(small):
     words = make_task("common_words", small, 1024, seed=1)
     listed = re.findall(r"\d+\. (\w+)", words.messages[0]["content"])

@@ -24,7 +24,9 @@ class Task:
     name: str
     messages: list
     expected: list
-    max_tokens: int = 32  # enough for the answer the task asks for
+    # enough for the answer even when a chat model first restates the prompt's
+    # answer lead and then numbers the items, one per line
+    max_tokens: int = 32
 
     def score(self, answer: str) -> float:
         return sum(e.lower() in answer.lower() for e in self.expected) / len(self.expected)
@@ -95,7 +97,7 @@ def niah_multivalue(model, n_tokens: int, seed: int) -> Task:
     doc = _with_facts(model, n_tokens, [_needle(key, v) for v in values], rng, 110)
     q = f"What are all the special magic numbers for {key} mentioned in the provided text?"
     return Task("niah_multivalue", _user(f"{NEEDLE_INTRO}{doc}\n{q} The special magic numbers for {key} mentioned "
-                                         f"in the provided text are"), values, max_tokens=48)
+                                         f"in the provided text are"), values, max_tokens=96)
 
 
 def niah_multiquery(model, n_tokens: int, seed: int) -> Task:
@@ -106,7 +108,7 @@ def niah_multiquery(model, n_tokens: int, seed: int) -> Task:
     doc = _with_facts(model, n_tokens, [_needle(k, v) for k, v in zip(keys, values)], rng, 120)
     q = f"What are the special magic numbers for {keys[0]} and {keys[1]} mentioned in the provided text?"
     return Task("niah_multiquery", _user(f"{NEEDLE_INTRO}{doc}\n{q} The special magic numbers for {keys[0]} and "
-                                         f"{keys[1]} mentioned in the provided text are"), values[:2], max_tokens=40)
+                                         f"{keys[1]} mentioned in the provided text are"), values[:2], max_tokens=64)
 
 
 def variable_tracking(model, n_tokens: int, seed: int) -> Task:
@@ -128,7 +130,7 @@ def variable_tracking(model, n_tokens: int, seed: int) -> Task:
     return Task("variable_tracking", _user(f"Memorize and track the chain(s) of variable assignment hidden in the "
                                            f"following text.\n\n{doc}\nQuestion: {q} Answer: According to the chain(s) "
                                            f"of variable assignment in the text above, {len(names)} variables are "
-                                           f"assigned the value {value}, they are:"), names, max_tokens=40)
+                                           f"assigned the value {value}, they are:"), names, max_tokens=72)
 
 
 @lru_cache(maxsize=1)
@@ -167,7 +169,7 @@ def common_words(model, n_tokens: int, seed: int) -> Task:
     return Task("common_words", _user(f"Below is a numbered list of words. In these words, some appear more often "
                                       f"than others. Memorize the ones that appear most often.\n{text}\nQuestion: "
                                       f"What are the 10 most common words in the above list? Answer: The top 10 "
-                                      f"words that appear most often in the list are:"), common, max_tokens=64)
+                                      f"words that appear most often in the list are:"), common, max_tokens=96)
 
 
 def frequent_words(model, n_tokens: int, seed: int) -> Task:
@@ -191,7 +193,7 @@ def frequent_words(model, n_tokens: int, seed: int) -> Task:
                                         f"Question: Do not provide any explanation. "
                                         f"What are the three most frequently appeared words in the above coded text? "
                                         f"Answer: According to the coded text above, the three most frequently "
-                                        f"appeared words are:"), list(top), max_tokens=24)
+                                        f"appeared words are:"), list(top), max_tokens=40)
 
 
 PEOPLE = ["Margot Ellery", "Tobias Renwick", "Ines Calloway", "Viktor Asplund", "Hana Okafor", "Desmond Pryce",
