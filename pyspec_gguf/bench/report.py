@@ -168,6 +168,24 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def accuracy_grid(rows: list) -> str:
+    """Accuracy per method (rows) and budget (columns), one block per context."""
+    out = []
+    for c in sorted({r["context_tokens"] for r in rows}):
+        rs = [r for r in rows if r["context_tokens"] == c]
+        budgets = sorted({r["budget"] for r in rs if r["budget"] is not None})
+        full = next((r for r in rs if r["method"] == "full"), None)
+        lines = [f"| {c} tokens | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+                 "|---" * (len(budgets) + 1) + "|"]
+        if full:
+            lines.append("| full | " + " | ".join(f"{full['accuracy']:.3f}" for _ in budgets) + " |")
+        for m in sorted({r["method"] for r in rs} - {"full"}):
+            acc = {r["budget"]: r["accuracy"] for r in rs if r["method"] == m}
+            lines.append(f"| {m} | " + " | ".join(_fmt(acc.get(b), ".3f") for b in budgets) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def task_table(rows: list) -> str:
     tasks = sorted({t for r in rows for t in r["per_task"]})
     lines = ["| context | method | budget | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 3) + "|"]
@@ -190,7 +208,7 @@ def markdown(rows: list, checks: list = ()) -> str:
             f"samples (± its standard error); TTFT, decode speed and peak RSS come from one end-to-end run per "
             f"row on the first task's prompt (— where not timed); target KV is what the target holds when "
             f"decoding starts. Context: requested length (mean prompt tokens).\n\n"
-            f"{table(rows)}\n\n## Targets\n\n`speckv` and `snapkv` are their default granularity "
+            f"{accuracy_grid(rows)}\n\n{table(rows)}\n\n## Targets\n\n`speckv` and `snapkv` are their default granularity "
             f"(`@{DEFAULT_GRANULARITY}`); the noise of a gap between two methods is twice the standard error of "
             f"their score difference over the same prompts.\n\n{targets_table(checks)}\n\n"
             f"## Accuracy per task\n\n{task_table(rows)}\n")
