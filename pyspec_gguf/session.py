@@ -10,22 +10,19 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from . import registry
-from ._log import logger as log
 from .engine import Model, Sampling, default_threads, iter_text
-from .methods import KVMethod, Method, PromptMethod, SpecKVPC, make_method
-from .scoring import aggregate, prefill_with_capture
+from .methods import Method, make_method
+from .passes import STAGES
+from .pipeline import Analysis
 
-Prompt = Union[str, Sequence[dict]]
-# "eviction": dropping the unselected KV entries and compacting (or, per
-# head, rewriting) the target's cache
-STAGES = ("draft_prefill", "lookahead", "scoring", "target_prefill", "eviction", "decode")
+# text, chat messages, or token ids already made (a numpy array of ints)
+Prompt = Union[str, Sequence[dict], np.ndarray]
 
 
 @dataclass
@@ -60,6 +57,14 @@ class Result:
     prompt_tokens: np.ndarray
     kept_per_head: Optional[np.ndarray] = None  # [layer, kv_head, C] prompt positions, per-head eviction only
 
+    def to_dict(self) -> dict:
+        """Plain JSON types: text, tokens, stats, kept positions and prompt
+        tokens as lists (the scores, being large, are left out)."""
+        stats = {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(self.stats).items()}
+        return {"text": self.text, "tokens": [int(t) for t in self.tokens], "stats": stats,
+                "kept": self.kept.tolist(), "prompt_tokens": self.prompt_tokens.tolist(),
+                "kept_per_head": None if self.kept_per_head is None else self.kept_per_head.tolist()}
+
 
 def peak_rss() -> int:
     """Peak resident memory of this process, in bytes. On Linux from VmHWM:
@@ -73,39 +78,6 @@ def peak_rss() -> int:
         pass
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru if sys.platform == "darwin" else ru * 1024
-
-
-class _Job:
-    """One generate call: the prompt, the shared draft state and the clock."""
-
-    def __init__(self, session: "SpecSession", tokens: np.ndarray, progress):
-        self.session = session
-        self.draft = session.draft
-        self.tokens = tokens
-        self.progress = progress
-        self.draft_tokens: Optional[np.ndarray] = None
-        self.times = {s: 0.0 for s in STAGES}
-        self._contexts = []
-
-    @contextmanager
-    def timer(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[stage] += time.perf_counter() - t0
-
-    def draft_context(self, n_ctx: int):
-        if self.draft is None:
-            raise ValueError("this method needs a draft model")
-        ctx = self.draft.context(n_ctx=n_ctx, **self.session.context_options)
-        self._contexts.append(ctx)
-        return ctx
-
-    def close(self):
-        for ctx in self._contexts:
-            ctx.close()
-        self._contexts.clear()
 
 
 class SpecSession:
@@ -150,6 +122,12 @@ class SpecSession:
     # ------------------------------------------------------------ public
 
     def tokenize(self, prompt: Prompt) -> np.ndarray:
+        if isinstance(prompt, np.ndarray):
+            if prompt.ndim != 1 or len(prompt) == 0 or not np.issubdtype(prompt.dtype, np.integer):
+                raise ValueError("a token-id prompt must be a non-empty 1-D array of integers")
+            if prompt.min() < 0 or prompt.max() >= self.target.n_vocab:
+                raise ValueError(f"token ids must be in [0, {self.target.n_vocab})")
+            return prompt.astype(np.int32)
         return self.target.tokenize_prompt(prompt)
 
     def generate(self, prompt: Prompt, method: Union[str, Method] = "specpc", budget: Union[int, float] = 1024,
@@ -177,8 +155,11 @@ class SpecSession:
         if isinstance(protect_last, bool) or not isinstance(protect_last, int) or protect_last < 0:
             raise ValueError(f"protect_last must be an integer >= 0, not {protect_last!r}")
         protect_last = max(protect_last, self.template_tail(prompt, tokens))
-        run = _Run(self, method, tokens, n_budget, max_tokens, sampling, protect_last, progress)
-        stream_ = Stream(run)
+        protected = self.protected_positions(tokens, protect_last)
+        if len(protected) >= n_budget and len(tokens) > n_budget:
+            raise ValueError(f"budget {n_budget} leaves no room beyond the {len(protected)} protected tokens "
+                             "(chat template control tokens and protect_last)")
+        stream_ = Stream(self, method, tokens, n_budget, max_tokens, sampling, protected, progress)
         if stream:
             return stream_
         for _ in stream_:
@@ -191,7 +172,7 @@ class SpecSession:
         """How many tokens the chat template adds after the last message's
         content (end of turn, the assistant's header): found as the common
         tail of the prompt and the same prompt with that content emptied."""
-        if isinstance(prompt, str):
+        if isinstance(prompt, (str, np.ndarray)):
             return 0
         emptied = list(prompt[:-1]) + [{**prompt[-1], "content": ""}]
         other = self.target.tokenize(self.target.apply_chat_template(emptied), add_special=False)
@@ -207,191 +188,71 @@ class SpecSession:
         return np.union1d(control, tail).astype(np.int64)
 
 
-def resolve_budget(budget, n_prompt: int) -> int:
+def check_budget(budget) -> None:
+    """A budget is a token count (an int >= 1) or a fraction of the prompt
+    (a float in (0, 1)); anything else is refused before any model loads."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
         raise ValueError(f"budget must be a token count (int) or a fraction in (0, 1) (float), not {budget!r}")
+    if budget <= 0:
+        raise ValueError(f"budget {budget} keeps nothing: give a token count (e.g. 1024) or a fraction of the "
+                         "prompt in (0, 1) (e.g. 0.25)")
+    if isinstance(budget, (float, np.floating)) and budget >= 1.0:
+        raise ValueError(f"a fractional budget must be in (0, 1), not {budget}; a token count is an int")
+
+
+def resolve_budget(budget, n_prompt: int) -> int:
+    """The budget in tokens for a prompt of n_prompt tokens."""
+    check_budget(budget)
     if isinstance(budget, (float, np.floating)):
-        if not 0.0 < budget < 1.0:
-            raise ValueError(f"a fractional budget must be in (0, 1), not {budget}")
         return max(1, int(round(budget * n_prompt)))
-    if budget < 1:
-        raise ValueError(f"budget must be at least 1 token, not {budget}")
     return int(budget)
 
 
-class _Run:
-    """The pipeline of one generate call, up to a context ready to sample."""
-
-    def __init__(self, session, method, tokens, budget, max_tokens, sampling, protect_last, progress):
-        self.session, self.method, self.tokens = session, method, tokens
-        self.budget, self.max_tokens, self.sampling = budget, max_tokens, sampling
-        self.protected = session.protected_positions(tokens, protect_last)
-        if len(self.protected) >= budget and len(tokens) > budget:
-            raise ValueError(f"budget {budget} leaves no room beyond the {len(self.protected)} protected tokens "
-                             "(chat template control tokens and protect_last)")
-        self.job = _Job(session, tokens, progress)
-        self.kept = np.arange(len(tokens), dtype=np.int32)
-        self.kept_per_head = None
-        self.kv_cells = None  # KV cells the target holds, where that is not len(kept)
-        self.scores = None
-        self.model = session.target
-
-    def prepare(self):
-        """Run every stage before decoding; return the context to sample from."""
-        m = self.method
-        if m.name == "draft":
-            self.model = self.session.draft
-            ctx = self.job.draft_context(len(self.tokens) + self.max_tokens + 8)
-            return self._prefill(ctx, self.tokens, "draft_prefill")
-        if m.stage == "none":
-            return self._target_prefill(self.tokens)
-        if isinstance(m, PromptMethod):
-            self.kept = self._prompt_stage(m, self.tokens, self.protected)
-            return self._target_prefill(self.tokens[self.kept])
-        if isinstance(m, KVMethod):
-            return self._kv_stage(m, self.tokens, self.protected, positions=None)
-        if isinstance(m, SpecKVPC):
-            return self._cascade(m)
-        raise ValueError(f"method {m.name} has no pipeline")
-
-    # -- stages
-
-    def _target_context(self, n_prompt: int):
-        ctx = self.session.target.context(n_ctx=n_prompt + self.max_tokens + 8, **self.session.context_options)
-        self.job._contexts.append(ctx)
-        return ctx
-
-    def _prefill(self, ctx, tokens, stage: str):
-        with self.job.timer(stage):
-            ctx.prefill(tokens, progress=self.job.progress)
-        return ctx
-
-    def _target_prefill(self, tokens):
-        return self._prefill(self._target_context(len(tokens)), tokens, "target_prefill")
-
-    def _prompt_stage(self, method: PromptMethod, tokens, protected) -> np.ndarray:
-        if len(tokens) <= self.budget:
-            return np.arange(len(tokens), dtype=np.int32)
-        scores = method.score_prompt(self.job)
-        with self.job.timer("scoring"):
-            kept = method.select(scores, self.budget, protected)
-        self.scores = scores
-        return kept
-
-    def _kv_stage(self, method: KVMethod, tokens, protected, positions):
-        """Target prefill with capture, keep the selected KV, compact, and
-        decode the last prompt token again. `positions` maps the tokens to
-        original prompt positions (None: identity)."""
-        n = len(tokens)
-        positions = np.arange(n, dtype=np.int32) if positions is None else positions
-        if n <= self.budget:
-            self.kept = positions
-            return self._target_prefill(tokens)
-        lookahead = method.lookahead_tokens(self.job) if method.captures else np.empty(0, np.int32)
-        ctx = self._target_context(n + len(lookahead))
-        with self.job.timer("target_prefill"):
-            if method.captures:
-                layers = np.arange(self.session.target.n_layer)
-                w = min(method.window + 1, n)
-                queries = np.arange(n - w, n + len(lookahead))
-                raw = prefill_with_capture(ctx, np.concatenate([tokens, lookahead]).astype(np.int32), layers,
-                                           queries, None, method.reduction, progress=self.job.progress)
-                scores = aggregate(raw[..., : n - 1], method.aggregation)
-            else:
-                ctx.prefill(tokens, want="none", progress=self.job.progress)
-                scores = np.zeros(n - 1, np.float32)
-        protected = protected[protected < n - 1]
-        per_head = method.granularity == "head" and method.captures and self._keep_per_head(
-            method, ctx, raw[..., : n - 1], protected, positions)
-        if not per_head:
-            with self.job.timer("scoring"):
-                keep = method.select(scores, self.budget, protected)
-            with self.job.timer("eviction"):
-                ctx.seq_keep_positions(0, keep)
-                ctx.compact(0, n_ctx=len(keep) + self.max_tokens + 8)
-            self.kept = positions[np.append(keep, n - 1)]
-            self.scores = scores
-        with self.job.timer("target_prefill"):
-            ctx.prefill(tokens[-1:])
-        return ctx
-
-    def _keep_per_head(self, method, ctx, raw, protected, positions) -> bool:
-        """Every layer and KV head keeps its own entries; the C cells take the
-        positions just before the last prompt token, which is then decoded at
-        its own. False (and a warning) where the model's KV cache cannot be
-        rewritten: the caller keeps one set instead."""
-        n = raw.shape[-1] + 1
-        with self.job.timer("scoring"):
-            keep = method.select_per_head(raw, self.budget, protected)
-        c = keep.shape[-1]
-        try:
-            with self.job.timer("eviction"):
-                ctx.keep_per_head(0, keep, np.arange(n - 1 - c, n - 1, dtype=np.int32),
-                                  n_ctx=c + self.max_tokens + 8)
-        except ValueError as e:
-            log.warning("%s: per-head eviction unavailable (%s); keeping one set for all heads", method.name, e)
-            return False
-        self.kept_per_head = positions[keep]
-        self.scores = raw
-        self.kept = np.append(np.unique(self.kept_per_head), positions[n - 1]).astype(np.int32)
-        self.kv_cells = c + 1
-        return True
-
-    def _cascade(self, m: SpecKVPC):
-        tokens, protected = self.tokens, self.protected
-        if len(tokens) <= self.budget:
-            return self._target_prefill(tokens)
-        # compress the prompt no further than the final budget needs
-        pc_budget = max(m.pc_budget, self.budget)
-        if len(tokens) > pc_budget:
-            budget, self.budget = self.budget, pc_budget
-            kept = self._prompt_stage(m.prompt_stage, tokens, protected)
-            self.budget = budget
-            protected = np.flatnonzero(np.isin(kept, protected))
-            tokens = tokens[kept]
-        else:
-            kept = np.arange(len(tokens), dtype=np.int32)
-            m.prompt_stage.score_prompt(self.job)  # drafts the lookahead tokens
-        return self._kv_stage(m.kv_stage, tokens, protected, positions=kept)
-
-
 class Stream:
-    """Text pieces of the answer as they are generated; `.result` after."""
+    """Text pieces of the answer as they are generated; `.result` after.
+    The passes run on the first step of the iteration."""
 
-    def __init__(self, run: _Run):
-        self._run = run
+    def __init__(self, session: "SpecSession", method: Method, tokens: np.ndarray, budget: int, max_tokens: int,
+                 sampling: Sampling, protected: np.ndarray, progress):
+        self._session, self._method, self._tokens = session, method, tokens
+        self._budget, self._max_tokens, self._sampling = budget, max_tokens, sampling
+        self._protected, self._progress = protected, progress
         self.result: Optional[Result] = None
 
     def __iter__(self) -> Iterator[str]:
-        run, job = self._run, self._run.job
         t0 = time.perf_counter()
+        analysis = Analysis(self._session, self._tokens, self._protected, self._max_tokens, [self._method],
+                            progress=self._progress)
+        prepared = None
         try:
-            ctx = run.prepare()
-            tokens = []
-            first = None
+            prepared = analysis.prepare(self._method, self._budget)
+            answer, model = prepared.answer, prepared.model
+            tokens, first = [], None
 
             def counted():
                 nonlocal first
-                for tok in ctx.generate(run.max_tokens, run.sampling):
+                for tok in answer.context.generate(self._max_tokens, self._sampling, seq=answer.seq):
                     if first is None:
                         first = time.perf_counter()
                     tokens.append(tok)
                     yield tok
 
             t_dec = time.perf_counter()
-            yield from iter_text(run.model, counted())
+            yield from iter_text(model, counted())
             t_end = time.perf_counter()
-            job.times["decode"] = t_end - t_dec
-            stats = Stats(method=run.method.name, prompt_tokens=len(run.tokens),
-                          kept_tokens=run.kv_cells or len(run.kept),
-                          budget=run.budget, generated_tokens=len(tokens), times=job.times,
+            times = analysis.clock.times
+            times["decode"] = t_end - t_dec
+            stats = Stats(method=self._method.name, prompt_tokens=len(self._tokens), kept_tokens=prepared.cells,
+                          budget=self._budget, generated_tokens=len(tokens), times=times,
                           ttft_s=(first or t_end) - t0,
                           decode_tok_s=(len(tokens) - 1) / (t_end - first) if first and len(tokens) > 1
                           and t_end > first else float("nan"),
-                          target_kv_bytes=(run.kv_cells or len(run.kept)) * run.model.kv_bytes_per_token,
+                          target_kv_bytes=prepared.cells * model.kv_bytes_per_token,
                           peak_rss_bytes=peak_rss())
-            self.result = Result(text=run.model.detokenize(tokens), tokens=tokens, stats=stats,
-                                 kept=np.asarray(run.kept, np.int32), scores=run.scores, prompt_tokens=run.tokens,
-                                 kept_per_head=run.kept_per_head)
+            self.result = Result(text=model.detokenize(tokens), tokens=tokens, stats=stats, kept=prepared.kept,
+                                 scores=prepared.scores, prompt_tokens=self._tokens,
+                                 kept_per_head=prepared.kept_per_head)
         finally:
-            job.close()
+            if prepared is not None:
+                prepared.answer.close()
+            analysis.close()

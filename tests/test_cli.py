@@ -42,3 +42,22 @@ def test_ask_empty_doc(tmp_path, capsys, small_path):
     doc.write_text("  \n")
     assert main(["ask", "--doc", str(doc), "--question", "Q?", "--target", str(small_path), "--method", "full"]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--budget", "0"], "budget 0 keeps nothing: give a token count"),
+    (["--method", "speckv", "--option", "kernel=8"], "kernel must be odd"),
+    (["--option", "nope=1"], "bad option"),
+    (["--question", "  "], "--question is empty"),
+])
+def test_ask_refuses_bad_input_before_loading_a_model(prose, tmp_path, capsys, args, match):
+    """The models named do not exist: the error must come from the checks
+    that run before any model loads, alone on its line."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(prose)
+    missing = str(tmp_path / "missing.gguf")
+    base = ["ask", "--doc", str(doc), "--question", "Q?", "--draft", missing, "--target", missing]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert match in err and "missing.gguf" not in err
+    assert err.startswith("pyspec-gguf: error: ")

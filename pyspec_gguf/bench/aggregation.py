@@ -56,19 +56,21 @@ def main(args) -> None:
             tokens = s.tokenize(task.messages)
             n = len(tokens)
             protected = s.protected_positions(tokens, s.template_tail(task.messages, tokens) + 48)
-            forks = PromptForks(s, tokens, protected, args.max_tokens)
+            forks = PromptForks(s, tokens, protected, args.max_tokens, variants=("snapkv", "speckv"),
+                                options={m: {"window": WINDOW, "kernel": KERNEL} for m in ("snapkv", "speckv")})
             protected = protected[protected < n - 1]
             try:
-                full, _ = forks.keep_answer(np.arange(n - 1, dtype=np.int32))
+                full, _ = forks.answer_kept(forks.methods["snapkv"], np.arange(n - 1, dtype=np.int32))
                 append_result(Path(args.out), {"bench": "aggregation", "models": models, "seed": seed,
                                                "prompt_tokens": n, "variant": "full", "budget": n,
                                                "answer": full, "score": task.score(full)})
                 for budget in budgets:
                     for method in ("snapkv", "speckv"):
                         for how in ("max", "sum", "votes"):
-                            keep = selection.select_topk(aggregate(forks.raw[method], how, budget), budget, WINDOW,
-                                                         KERNEL, protected=protected)
-                            text, _ = forks.keep_answer(keep)
+                            raw = forks.raw_scores(forks.methods[method])
+                            keep = selection.select_topk(aggregate(raw, how, budget), budget, WINDOW, KERNEL,
+                                                         protected=protected)
+                            text, _ = forks.answer_kept(forks.methods[method], keep)
                             row = {"bench": "aggregation", "models": models, "seed": seed, "prompt_tokens": n,
                                    "variant": f"{method}@{how}", "budget": budget, "answer": text,
                                    "score": task.score(text)}

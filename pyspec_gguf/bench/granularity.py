@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import registry
-from ..methods import SnapKV, SpecKV
 from ..scoring import aggregate
 from ..session import SpecSession
 from .common import append_result
@@ -46,32 +45,34 @@ def main(args) -> None:
                 tokens = s.tokenize(task.messages)
                 n = len(tokens)
                 protected = s.protected_positions(tokens, s.template_tail(task.messages, tokens))
-                forks = PromptForks(s, tokens, protected, task.max_tokens)
+                forks = PromptForks(s, tokens, protected, task.max_tokens, variants=("snapkv", "speckv"))
                 protected = protected[protected < n - 1]
                 base = {"bench": "granularity", "models": models, "seed": seed, "task": name, "prompt_tokens": n,
                         "expected": task.expected}
                 try:
-                    full, _ = forks.keep_answer(np.arange(n - 1, dtype=np.int32))
+                    full, _ = forks.answer_kept(forks.methods["snapkv"], np.arange(n - 1, dtype=np.int32))
                     append_result(out, {**base, "variant": "full", "budget": n, "answer": full,
                                         "score": task.score(full)})
                     print(f"{name:18s} seed {seed} full score {task.score(full):.2f} {full.strip()[:50]!r}",
                           flush=True)
                     for budget in budgets:
-                        for method in (SnapKV(), SpecKV()):
-                            raw = forks.raw[method.name]
+                        for method in forks.methods.values():
+                            raw = forks.raw_scores(method)
                             t0 = time.perf_counter()
                             per_head = method.select_per_head(raw, budget, protected)
                             select_s = time.perf_counter() - t0
                             one_set = method.select(aggregate(raw, method.aggregation), budget, protected)
                             for gran in ("token", "head"):
+                                eviction_s = forks.analysis.clock.times["eviction"]
                                 if gran == "token":
-                                    text, _ = forks.keep_answer(one_set)
+                                    text, _ = forks.answer_kept(method, one_set)
                                 else:
-                                    text, _ = forks.per_head_answer(per_head)
+                                    text, _ = forks.answer_per_head(method, per_head)
+                                eviction_s = forks.analysis.clock.times["eviction"] - eviction_s
                                 row = {**base, "variant": f"{method.name}@{gran}", "budget": budget,
                                        "answer": text, "score": task.score(text),
                                        "select_s": select_s if gran == "head" else None,
-                                       "rewrite_s": forks.rewrite_s if gran == "head" else None}
+                                       "rewrite_s": eviction_s if gran == "head" else None}
                                 append_result(out, row)
                                 print(f"{name:18s} seed {seed} budget {budget:4d} {row['variant']:14s} "
                                       f"score {row['score']:.2f} {text.strip()[:50]!r}", flush=True)

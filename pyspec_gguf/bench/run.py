@@ -149,7 +149,7 @@ def answer_prompt(session, base: dict, todo: list, runs: Path) -> None:
     task = make_task(base["task"], session.target, base["context_tokens"], base["seed"])
     tokens = session.tokenize(task.messages)
     protected = session.protected_positions(tokens, session.template_tail(task.messages, tokens))
-    forks = PromptForks(session, tokens, protected, task.max_tokens)
+    forks = PromptForks(session, tokens, protected, task.max_tokens, variants=list(dict.fromkeys(v for v, _ in todo)))
     try:
         for variant, budget in todo:
             text, cells = forks.answer(variant, budget or len(tokens))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
+from ..passes import Clock, DraftNeeds, draft_pass, prefill_answer_context
 from ..session import SpecSession
 from .tasks import TASKS, make_task
 
@@ -48,15 +48,10 @@ def floor(s: SpecSession, r) -> dict:
     """The draft's plain prefill of the prompt, then the target's prefill
     of the kept tokens, each alone."""
     tokens = r.prompt_tokens
-    times = {}
-    with s.draft.context(n_ctx=len(tokens) + 8, **s.context_options) as ctx:
-        t0 = time.perf_counter()
-        ctx.prefill(tokens)
-        times["draft_prefill_s"] = time.perf_counter() - t0
-    with s.target.context(n_ctx=len(r.kept) + 8, **s.context_options) as ctx:
-        t0 = time.perf_counter()
-        ctx.prefill(tokens[r.kept])
-        times["target_prefill_s"] = time.perf_counter() - t0
+    clock = Clock()
+    draft_pass(s.draft, tokens, DraftNeeds(), s.context_options, clock)
+    prefill_answer_context(s.target, tokens[r.kept], s.context_options, clock, room=0).close()
+    times = {"draft_prefill_s": clock.times["draft_prefill"], "target_prefill_s": clock.times["target_prefill"]}
     times["floor_s"] = times["draft_prefill_s"] + times["target_prefill_s"]
     return times
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..engine import Sampling
-from ..methods import METHODS
-from ..session import SpecSession
+from ..methods import METHODS, make_method
+from ..session import SpecSession, check_budget
 
 
 def add_cli_args(parser) -> None:
@@ -34,8 +34,11 @@ def add_cli_args(parser) -> None:
 
 
 def _budget(text: str):
-    value = float(text)
-    return int(value) if value >= 1 and value == int(value) else value
+    """'1024' is a token count, '0.25' a fraction of the prompt."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _option(text: str):
@@ -78,9 +81,14 @@ def show_kept(session, result) -> None:
 
 
 def main(args) -> int:
+    # everything that can be checked without the models is checked first
     if args.max_tokens < 1:
         raise ValueError("--max-tokens must be at least 1")
+    if not args.question.strip():
+        raise ValueError("--question is empty")
+    check_budget(args.budget)
     options = dict(_option(o) for o in args.option)
+    make_method(args.method, **options)
     doc = read_doc(args.doc)
     messages = build_messages(doc, args.question)
     uses_draft = args.compare or METHODS[args.method].uses_draft
@@ -90,26 +98,36 @@ def main(args) -> int:
         runs = [("full", {})] if args.compare and args.method != "full" else []
         runs.append((args.method, options))
         for name, opts in runs:
-            bar = tqdm(unit="tok", desc=f"{name} prefill", leave=False, file=sys.stderr)
-
-            def progress(done, total, bar=bar):
-                bar.total = total
-                bar.update(done - bar.n)
-
-            stream = session.generate(messages, method=name, budget=args.budget, max_tokens=args.max_tokens,
-                                      stream=True, sampling=Sampling(args.temperature, 1.0, args.seed),
-                                      protect_last=question_tokens + 16, progress=progress, **opts)
-            first = True
-            for piece in stream:
-                if first:
-                    bar.close()
-                    if len(runs) > 1:
-                        print(f"--- {name}:")
-                    first = False
-                print(piece, end="", flush=True)
-            bar.close()
-            print()
-            print(stream.result.stats.line(), file=sys.stderr)
+            result = _answer(session, messages, name, opts, args, question_tokens + 16, labelled=len(runs) > 1)
+            print(result.stats.line(), file=sys.stderr)
             if args.show_kept and name == args.method:
-                show_kept(session, stream.result)
+                show_kept(session, result)
     return 0
+
+
+def _answer(session, messages, name: str, options: dict, args, protect_last: int, labelled: bool):
+    """Stream one method's answer, with a prefill progress bar until its
+    first piece. The bar is closed (its line cleared) before anything else
+    is printed, an error's message included."""
+    bar = tqdm(unit="tok", desc=f"{name} prefill", leave=False, file=sys.stderr)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        stream = session.generate(messages, method=name, budget=args.budget, max_tokens=args.max_tokens,
+                                  stream=True, sampling=Sampling(args.temperature, 1.0, args.seed),
+                                  protect_last=protect_last, progress=progress, **options)
+        first = True
+        for piece in stream:
+            if first:
+                bar.close()
+                if labelled:
+                    print(f"--- {name}:")
+                first = False
+            print(piece, end="", flush=True)
+    finally:
+        bar.close()
+    print()
+    return stream.result

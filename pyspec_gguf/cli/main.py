@@ -9,14 +9,18 @@ from . import ask, bench, models
 COMMANDS = {"ask": ask, "models": models, "bench": bench}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyspec-gguf", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
         module.add_cli_args(p)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG)
         from .. import set_verbose

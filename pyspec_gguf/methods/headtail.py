@@ -14,8 +14,8 @@ class HeadTail(PromptMethod):
 
     name: ClassVar[str] = "headtail"
 
-    def score_prompt(self, job) -> np.ndarray:
-        return np.zeros(len(job.tokens), np.float32)
+    def score(self, draft, n):
+        return np.zeros(n, np.float32)
 
     def select(self, scores, budget, protected):
         return selection.select_head_tail(len(scores), budget, protected)

@@ -4,6 +4,7 @@ from typing import ClassVar
 import numpy as np
 
 from .. import selection
+from ..passes import DraftNeeds
 from .base import PromptMethod
 
 
@@ -23,13 +24,12 @@ class SelfInfo(PromptMethod):
     def validate(self) -> None:
         self._non_negative(window=self.window)
 
-    def score_prompt(self, job) -> np.ndarray:
-        tokens = job.tokens
-        ctx = job.draft_context(len(tokens) + 8)
-        with job.timer("draft_prefill"):
-            logprobs = ctx.prefill(tokens, want="logprobs", progress=job.progress)
+    def draft_needs(self) -> DraftNeeds:
+        return DraftNeeds(logprobs=True)
+
+    def score(self, draft, n):
         # the first token has no context: keep it
-        return np.concatenate([[np.inf], -logprobs]).astype(np.float32)
+        return np.concatenate([[np.inf], -draft.logprobs]).astype(np.float32)
 
     def select(self, scores, budget, protected):
         return selection.select_topk(scores, budget, self.window, kernel=1, protected=protected)

@@ -1,8 +1,6 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
 from .speckv import SpecKV
 
 
@@ -23,6 +21,3 @@ class SnapKV(SpecKV):
         super().validate()
         if self.lookahead != 0:
             raise ValueError("snapkv: lookahead must be 0 (use speckv for drafted lookahead)")
-
-    def lookahead_tokens(self, job) -> np.ndarray:
-        return np.empty(0, np.int32)

@@ -1,10 +1,8 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
 from .. import selection
-from ..scoring import REDUCTIONS, greedy_lookahead
+from ..scoring import REDUCTIONS
 from .base import DEFAULT_GRANULARITY, GRANULARITIES, KVMethod
 
 
@@ -41,7 +39,8 @@ class SpecKV(KVMethod):
     lookahead: int = 64
 
     def validate(self) -> None:
-        self._non_negative(window=self.window, lookahead=self.lookahead)
+        self._positive(window=self.window)
+        self._non_negative(lookahead=self.lookahead)
         self._positive(kernel=self.kernel)
         if self.kernel % 2 == 0:
             raise ValueError(f"{self.name}: kernel must be odd, not {self.kernel}")
@@ -49,18 +48,6 @@ class SpecKV(KVMethod):
         self._choice("reduction", self.reduction, REDUCTIONS)
         self._choice("aggregation", self.aggregation, REDUCTIONS)
         self._choice("granularity", self.granularity, GRANULARITIES)
-
-    def lookahead_tokens(self, job) -> np.ndarray:
-        if job.draft_tokens is not None:
-            return job.draft_tokens[: self.lookahead]
-        if self.lookahead == 0:
-            return np.empty(0, np.int32)
-        ctx = job.draft_context(len(job.tokens) + 8)
-        with job.timer("draft_prefill"):
-            ctx.prefill(job.tokens, progress=job.progress)
-        with job.timer("lookahead"):
-            tokens, _ = greedy_lookahead(ctx, job.draft, self.lookahead)
-        return tokens
 
     def select(self, scores, budget, protected):
         return selection.select_topk(scores, budget, self.window, self.kernel, self.pool, protected)

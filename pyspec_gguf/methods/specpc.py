@@ -4,7 +4,8 @@ from typing import ClassVar
 import numpy as np
 
 from .. import selection
-from ..scoring import REDUCTIONS, aggregate, greedy_lookahead, prefill_with_capture
+from ..passes import DraftNeeds
+from ..scoring import REDUCTIONS, aggregate
 from .base import PromptMethod
 
 
@@ -42,24 +43,13 @@ class SpecPC(PromptMethod):
         self._choice("pool", self.pool, selection.POOLS)
         self._choice("reduction", self.reduction, REDUCTIONS)
 
-    def score_prompt(self, job) -> np.ndarray:
-        draft, tokens = job.draft, job.tokens
-        n = len(tokens)
-        if self.start_layer >= draft.n_layer:
-            raise ValueError(f"specpc: start_layer {self.start_layer} >= the draft's {draft.n_layer} layers")
-        layers = np.arange(self.start_layer, draft.n_layer)
-        w = min(self.window, n)
-        weights = np.linspace(0, 1, w) if self.weighted else None
-        ctx = job.draft_context(n + self.lookahead + 8)
-        with job.timer("draft_prefill"):
-            prefill = prefill_with_capture(ctx, tokens, layers, np.arange(n - w, n), weights, self.reduction,
-                                           progress=job.progress)
-        score = aggregate(prefill, "max")
-        with job.timer("lookahead"):
-            job.draft_tokens, steps = greedy_lookahead(ctx, draft, self.lookahead,
-                                                       layers if self.lookahead > 1 else None,
-                                                       self.reduction, n_keys=n)
-        for step in steps:
+    def draft_needs(self) -> DraftNeeds:
+        return DraftNeeds(window=self.window, weighted=self.weighted, lookahead=self.lookahead,
+                          step_rows=self.lookahead > 1, start_layer=self.start_layer, reduction=self.reduction)
+
+    def score(self, draft, n):
+        score = aggregate(draft.rows, "max")
+        for step in draft.steps[: self.lookahead - 1]:
             score = np.maximum(score, aggregate(step, "max"))
         return score
 

@@ -1,10 +1,9 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
 from .. import selection
-from ..scoring import aggregate, greedy_lookahead, prefill_with_capture
+from ..passes import DraftNeeds
+from ..scoring import aggregate
 from .base import PromptMethod
 
 
@@ -32,16 +31,13 @@ class SpecPrefill(PromptMethod):
         self._non_negative(lookahead=self.lookahead, window=self.window)
         self._positive(chunk=self.chunk)
 
-    def score_prompt(self, job) -> np.ndarray:
-        draft, tokens = job.draft, job.tokens
-        n = len(tokens)
-        layers = np.arange(draft.n_layer)
-        ctx = job.draft_context(n + self.lookahead + 8)
-        with job.timer("draft_prefill"):
-            score = aggregate(prefill_with_capture(ctx, tokens, layers, [n - 1], None, "sum",
-                                                   progress=job.progress), "sum")
-        with job.timer("lookahead"):
-            job.draft_tokens, steps = greedy_lookahead(ctx, draft, self.lookahead, layers, "sum", n_keys=n)
+    def draft_needs(self) -> DraftNeeds:
+        # the last prompt token's row, and each drafted token's
+        return DraftNeeds(window=1, lookahead=self.lookahead, step_rows=True, reduction="sum")
+
+    def score(self, draft, n):
+        steps = draft.steps[: max(0, self.lookahead - 1)]
+        score = aggregate(draft.rows, "sum")
         for step in steps:
             score = score + aggregate(step, "sum")
         return score / (1 + len(steps))

@@ -1,0 +1,203 @@
+"""One prompt through the passes, for one method or many.
+
+`Analysis` runs the draft's pass and the target's passes a prompt needs,
+each once, shared by every method that reads them; `prepare` applies one
+method at one budget — its prompt stage (select, then the target sees only
+the kept tokens), then its KV stage (select, then keep one set of KV entries
+or one per layer and KV head) — and returns a context ready to sample the
+answer from. `SpecSession.generate` prepares one method in place; the
+benchmark prepares many variants of one prompt as forks of the same passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ._log import logger as log
+from .methods import Method
+from .passes import (AnswerContext, Clock, DraftNeeds, DraftPass, TargetNeeds, TargetPass, draft_pass,
+                     keep_one_set, keep_per_head, prefill_answer_context, target_pass)
+
+
+@dataclass
+class Prepared:
+    """What `Analysis.prepare` made: the context to answer from, and what the
+    answer is built from."""
+
+    answer: AnswerContext
+    model: object                        # the model that answers (the target, or the draft alone)
+    kept: np.ndarray                     # prompt positions the answer is built from (per head: their union)
+    scores: Optional[np.ndarray] = None  # the last stage's scores (per head: [layer, kv_head, key])
+    kept_per_head: Optional[np.ndarray] = None  # [layer, kv_head, C] prompt positions
+
+    @property
+    def cells(self) -> int:
+        """KV cells the answering model holds when decoding starts."""
+        return self.answer.cells
+
+
+class Analysis:
+    """The passes over one prompt, run once each and shared.
+
+    Args:
+        session: the SpecSession (models and context options).
+        tokens: the prompt's token ids; protected: positions always kept.
+        max_tokens: the longest answer any `prepare` will decode.
+        methods: every method that will be prepared, so that compatible
+            needs share one draft pass and one target pass.
+        fork: answers leave the passes' contexts whole (many variants of one
+            prompt); otherwise the one answer takes them over (less memory).
+    """
+
+    def __init__(self, session, tokens: np.ndarray, protected: np.ndarray, max_tokens: int,
+                 methods: Sequence[Method], fork: bool = False, progress: Optional[Callable] = None,
+                 clock: Optional[Clock] = None):
+        self.session, self.tokens, self.protected = session, tokens, protected
+        self.room = 1 + max_tokens  # the last prompt token, decoded again, and the answer
+        self.fork, self.progress = fork, progress
+        self.clock = clock or Clock()
+        self._draft_plan = _merged([m.draft_needs() for m in methods], DraftNeeds.merge)
+        self._target_plan = _merged([m.kv_stage.target_needs() for m in methods if m.kv_stage], TargetNeeds.merge)
+        self._drafts: list[DraftPass] = []
+        self._targets: dict = {}  # (kept positions, needs) -> TargetPass, kept for forks
+        self._contexts: list = []  # every context a pass made, closed with the analysis
+
+    # -------------------------------------------------------------- passes
+
+    def draft(self, needs: DraftNeeds) -> DraftPass:
+        """The draft's pass that serves `needs` (run on first use)."""
+        for done in self._drafts:
+            if needs.merge(done.needs) == done.needs:
+                return done
+        if self.session.draft is None:
+            raise ValueError("this method needs a draft model; the session has none")
+        planned = next((p for p in self._draft_plan if needs.merge(p) == p), needs)
+        done = draft_pass(self.session.draft, self.tokens, planned, self.session.context_options, self.clock,
+                          self.progress)
+        self._drafts.append(done)
+        return done
+
+    def target(self, positions: np.ndarray, needs: TargetNeeds) -> TargetPass:
+        """The target's pass over the prompt tokens at `positions` that
+        serves `needs` (run on first use; a fork's passes are kept)."""
+        key = positions.tobytes()
+        for (k, done_needs), done in self._targets.items():
+            if k == key and needs.merge(done_needs) == done_needs:
+                return done
+        planned = next((p for p in self._target_plan if needs.merge(p) == p), needs)
+        lookahead = np.empty(0, np.int32)
+        if planned.captures and planned.lookahead:
+            lookahead = self.draft(DraftNeeds(lookahead=planned.lookahead)).drafted[: planned.lookahead]
+        done = target_pass(self.session.target, self.tokens[positions], planned, lookahead,
+                           self.session.context_options, self.clock, self.room, n_seq=2 if self.fork else 1,
+                           progress=self.progress)
+        self._contexts.append(done.context)
+        if self.fork:
+            self._targets[(key, planned)] = done
+        return done
+
+    # -------------------------------------------------------------- apply
+
+    def prepare(self, method: Method, budget: int) -> Prepared:
+        """Run `method`'s stages at `budget` tokens; return the context to
+        sample the answer from."""
+        n = len(self.tokens)
+        if method.answers_with_draft:
+            return self._draft_answer()
+        positions = np.arange(n, dtype=np.int32)
+        protected, scores = self.protected, None
+        prompt, kv = method.prompt_stage, method.kv_stage
+        pc_budget = method.prompt_budget(budget)
+        if prompt is not None and n > pc_budget:
+            needs = prompt.draft_needs()
+            draft = self.draft(method.draft_needs()) if needs is not None else None
+            with self.clock.stage("scoring"):
+                scores = prompt.score(draft, n)
+                positions = prompt.select(scores, pc_budget, protected)
+            protected = np.flatnonzero(np.isin(positions, protected))
+        if kv is None or len(positions) <= budget:
+            return self._whole(positions, scores)
+        return self._kv_stage(kv, budget, positions, protected)
+
+    def _draft_answer(self) -> Prepared:
+        """The draft answers alone, from its own pass's context."""
+        if self.session.draft is None:
+            raise ValueError("this method needs a draft model; the session has none")
+        done = draft_pass(self.session.draft, self.tokens, DraftNeeds(), self.session.context_options,
+                          self.clock, self.progress, room=self.room)
+        self._contexts.append(done.context)
+        kept = np.arange(len(self.tokens), dtype=np.int32)
+        return Prepared(AnswerContext(done.context, cells=len(kept)), self.session.draft, kept)
+
+    def _whole(self, positions: np.ndarray, scores) -> Prepared:
+        """The target answers from every token at `positions`: a fresh
+        prefill of them, or, for the whole prompt in a fork, a fork of the
+        prompt's own target pass (the one the KV variants share)."""
+        target = self.session.target
+        if self.fork and len(positions) == len(self.tokens):
+            needs = _any_needs(self._targets, positions) or next(iter(self._target_plan), None)
+            tp = self.target(positions, needs or TargetNeeds(captures=False))
+            keep = np.arange(len(positions) - 1, dtype=np.int32)
+            return Prepared(keep_one_set(tp, keep, self.clock, self.room, fork=True), target, positions, scores)
+        ctx = prefill_answer_context(target, self.tokens[positions], self.session.context_options, self.clock,
+                                     self.room - 1, progress=self.progress)
+        self._contexts.append(ctx)
+        return Prepared(AnswerContext(ctx, cells=len(positions)), target, positions, scores)
+
+    def _kv_stage(self, kv, budget: int, positions: np.ndarray, protected: np.ndarray) -> Prepared:
+        """The target prefills the tokens at `positions` with the capture `kv`
+        declares; the selection keeps `budget` entries (the last token's
+        included), one set or one per head."""
+        n = len(positions)
+        tp = self.target(positions, kv.target_needs())
+        # the KV of x[n-2] stays, so the last prompt token decodes at n-1
+        protected = np.union1d(protected[protected < n - 1], [n - 2]).astype(np.int64)
+        raw = kv.raw_scores(tp)
+        target = self.session.target
+        if kv.granularity == "head" and kv.captures:
+            with self.clock.stage("scoring"):
+                keep = kv.select_per_head(raw, budget, protected)
+            try:
+                answer = keep_per_head(tp, keep, self.clock, self.room, self.fork, target,
+                                       self.session.context_options)
+            except ValueError as e:
+                log.warning("%s: per-head eviction unavailable (%s); keeping one set for all heads", kv.name, e)
+            else:
+                per_head = positions[keep]
+                kept = np.append(np.unique(per_head), positions[n - 1]).astype(np.int32)
+                return Prepared(answer, target, kept, raw, per_head)
+        with self.clock.stage("scoring"):
+            scores = kv.score(tp)
+            keep = kv.select(scores, budget, protected)
+        answer = keep_one_set(tp, keep, self.clock, self.room, self.fork)
+        return Prepared(answer, target, positions[np.append(keep, n - 1)].astype(np.int32), scores)
+
+    def close(self) -> None:
+        for ctx in self._contexts:
+            ctx.close()
+        self._contexts.clear()
+        self._targets.clear()
+
+
+def _merged(needs: list, merge) -> list:
+    """Needs folded into as few passes as merge allows, in order."""
+    plan = []
+    for need in needs:
+        if need is None:
+            continue
+        for i, p in enumerate(plan):
+            m = merge(p, need)
+            if m is not None:
+                plan[i] = m
+                break
+        else:
+            plan.append(need)
+    return plan
+
+
+def _any_needs(targets: dict, positions: np.ndarray) -> Optional[TargetNeeds]:
+    key = positions.tobytes()
+    return next((needs for (k, needs) in targets if k == key), None)

