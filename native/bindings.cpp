@@ -106,12 +106,10 @@ NB_MODULE(_native, m) {
              "path"_a, "n_gpu_layers"_a = 0, "use_mmap"_a = true)
         .def("close", &psg_model::close)
         .def_prop_ro("closed", [](const psg_model & m) { return m.model == nullptr; })
-        .def_ro("path", &psg_model::path)
         .def_prop_ro("n_layer", &psg_model::n_layer)
         .def_prop_ro("n_head", &psg_model::n_head)
         .def_prop_ro("n_head_kv", &psg_model::n_head_kv)
         .def_prop_ro("n_vocab", &psg_model::n_vocab)
-        .def_prop_ro("n_ctx_train", &psg_model::n_ctx_train)
         .def_prop_ro("kv_bytes_per_cell", &psg_model::kv_bytes_per_cell)
         .def("meta", &psg_model::meta, "key"_a)
         .def("tokenize", [](const psg_model & m, const std::string & text, bool add_special, bool parse_special) {
@@ -154,17 +152,12 @@ NB_MODULE(_native, m) {
              "model"_a, "n_ctx"_a = 4096, "n_batch"_a = 512, "n_ubatch"_a = 512, "n_threads"_a = 0,
              "n_seq_max"_a = 1, "flash_attn"_a = "off", "type_k"_a = "f16", "type_v"_a = "f16",
              nb::keep_alive<1, 2>())
-        .def_prop_ro("type_k", [](const psg_context & c) { return c.params.type_k; })
-        .def_prop_ro("type_v", [](const psg_context & c) { return c.params.type_v; })
-        .def_prop_ro("flash_attn", [](const psg_context & c) { return c.params.flash_attn; })
         .def_prop_ro("per_head", [](const psg_context & c) { return c.per_head; },
                      "True once keep_per_head rewrote the cache: cells hold different tokens per head.")
         .def("close", &psg_context::close)
         .def_prop_ro("closed", [](const psg_context & c) { return c.ctx == nullptr; })
         .def_prop_ro("n_ctx", &psg_context::n_ctx)
         .def_prop_ro("n_batch", [](const psg_context & c) { return c.params.n_batch; })
-        .def_prop_ro("n_ubatch", [](const psg_context & c) { return c.params.n_ubatch; })
-        .def_prop_ro("flash_attn", [](const psg_context & c) { return c.params.flash_attn; })
         .def_prop_ro("layout_known", [](const psg_context & c) { return c.cells.layout_known; })
         .def("pos_max", &psg_context::pos_max, "seq"_a = 0)
         .def("pos_min", &psg_context::pos_min, "seq"_a = 0)

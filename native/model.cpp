@@ -75,7 +75,6 @@ int32_t psg_model::n_layer() const { check_open(); return llama_model_n_layer(mo
 int32_t psg_model::n_head() const { check_open(); return llama_model_n_head(model); }
 int32_t psg_model::n_head_kv() const { check_open(); return llama_model_n_head_kv(model); }
 int32_t psg_model::n_vocab() const { check_open(); return llama_vocab_n_tokens(vocab); }
-int32_t psg_model::n_ctx_train() const { check_open(); return llama_model_n_ctx_train(model); }
 
 string psg_model::meta(const string & key) const {
     check_open();

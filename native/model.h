@@ -25,7 +25,6 @@ struct psg_model {
     int32_t n_head() const;
     int32_t n_head_kv() const;
     int32_t n_vocab() const;
-    int32_t n_ctx_train() const;
     int64_t kv_bytes_per_cell() const; // K and V of one token, all layers, f16
     std::string meta(const std::string & key) const;
 
