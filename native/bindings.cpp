@@ -1,5 +1,7 @@
-// Python bindings: glue only. The work is in engine.cpp and capture.cpp.
-#include "engine.h"
+// Python bindings: glue only (argument conversion, GIL release; nanobind
+// turns std::invalid_argument into ValueError, std::runtime_error into
+// RuntimeError). The work is in model.cpp, context.cpp and the files beside.
+#include "context.h"
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -17,19 +19,26 @@ using f32_array = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device
 
 using i32_grid = nb::ndarray<const int32_t, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
 
-// keep[l, h, i] must cover every layer and KV head of the model.
-static void check_keep_shape(const psg_context & c, const i32_grid & keep) {
-    c.check_open();
-    const size_t L = (size_t) c.owner->n_layer(), G = (size_t) c.owner->n_head_kv();
-    if (keep.shape(0) != L || keep.shape(1) != G || keep.shape(2) == 0) {
-        throw std::invalid_argument("keep must have shape [n_layer=" + std::to_string(L) + ", n_head_kv=" +
-                                    std::to_string(G) + ", C >= 1], not [" + std::to_string(keep.shape(0)) + ", " +
-                                    std::to_string(keep.shape(1)) + ", " + std::to_string(keep.shape(2)) + "]");
-    }
-}
-
 static std::vector<int32_t> to_vec(const i32_array & a) {
     return std::vector<int32_t>(a.data(), a.data() + a.shape(0));
+}
+
+static std::vector<uint8_t> to_blob(const nb::bytes & b) {
+    const uint8_t * p = reinterpret_cast<const uint8_t *>(b.c_str());
+    return std::vector<uint8_t>(p, p + b.size());
+}
+
+static nb::bytes to_bytes(const std::vector<uint8_t> & v) {
+    return nb::bytes(reinterpret_cast<const char *>(v.data()), v.size());
+}
+
+static psg_keep to_keep(const i32_grid & keep) {
+    psg_keep k;
+    k.pos.assign(keep.data(), keep.data() + keep.size());
+    k.n_layer = keep.shape(0);
+    k.n_head_kv = keep.shape(1);
+    k.n_keep = keep.shape(2);
+    return k;
 }
 
 template <typename T>
@@ -97,12 +106,10 @@ NB_MODULE(_native, m) {
              "path"_a, "n_gpu_layers"_a = 0, "use_mmap"_a = true)
         .def("close", &psg_model::close)
         .def_prop_ro("closed", [](const psg_model & m) { return m.model == nullptr; })
-        .def_ro("path", &psg_model::path)
         .def_prop_ro("n_layer", &psg_model::n_layer)
         .def_prop_ro("n_head", &psg_model::n_head)
         .def_prop_ro("n_head_kv", &psg_model::n_head_kv)
         .def_prop_ro("n_vocab", &psg_model::n_vocab)
-        .def_prop_ro("n_ctx_train", &psg_model::n_ctx_train)
         .def_prop_ro("kv_bytes_per_cell", &psg_model::kv_bytes_per_cell)
         .def("meta", &psg_model::meta, "key"_a)
         .def("tokenize", [](const psg_model & m, const std::string & text, bool add_special, bool parse_special) {
@@ -145,23 +152,18 @@ NB_MODULE(_native, m) {
              "model"_a, "n_ctx"_a = 4096, "n_batch"_a = 512, "n_ubatch"_a = 512, "n_threads"_a = 0,
              "n_seq_max"_a = 1, "flash_attn"_a = "off", "type_k"_a = "f16", "type_v"_a = "f16",
              nb::keep_alive<1, 2>())
-        .def_prop_ro("type_k", [](const psg_context & c) { return c.params.type_k; })
-        .def_prop_ro("type_v", [](const psg_context & c) { return c.params.type_v; })
-        .def_prop_ro("flash_attn", [](const psg_context & c) { return c.params.flash_attn; })
         .def_prop_ro("per_head", [](const psg_context & c) { return c.per_head; },
                      "True once keep_per_head rewrote the cache: cells hold different tokens per head.")
         .def("close", &psg_context::close)
         .def_prop_ro("closed", [](const psg_context & c) { return c.ctx == nullptr; })
         .def_prop_ro("n_ctx", &psg_context::n_ctx)
         .def_prop_ro("n_batch", [](const psg_context & c) { return c.params.n_batch; })
-        .def_prop_ro("n_ubatch", [](const psg_context & c) { return c.params.n_ubatch; })
-        .def_prop_ro("flash_attn", [](const psg_context & c) { return c.params.flash_attn; })
-        .def_prop_ro("layout_known", [](const psg_context & c) { return c.layout_known; })
+        .def_prop_ro("layout_known", [](const psg_context & c) { return c.cells.layout_known; })
         .def("pos_max", &psg_context::pos_max, "seq"_a = 0)
         .def("pos_min", &psg_context::pos_min, "seq"_a = 0)
         .def("n_cells", &psg_context::n_cells, "seq"_a = 0)
         .def("cell_positions", [](const psg_context & c) {
-                 std::vector<int32_t> v = c.cell_pos;
+                 std::vector<int32_t> v = c.cells.pos;
                  const size_t n = v.size();
                  return owned_array<int32_t>(std::move(v), {n});
              },
@@ -208,22 +210,10 @@ NB_MODULE(_native, m) {
              "layers"_a, "positions"_a, "weights"_a = nb::none(), "reduce"_a = "max")
         .def("capture_take",
              [](psg_context & c) {
-                 psg_capture & cap = *c.capture;
-                 if (!cap.armed) {
-                     throw std::runtime_error("capture is not armed");
-                 }
-                 const size_t n_l = cap.layers.size(), n_g = (size_t) cap.n_head_kv, n_p = (size_t) cap.n_pos;
-                 std::vector<float> out(n_l * n_g * n_p, 0.0f);
-                 for (size_t l = 0; l < n_l; ++l) {
-                     for (size_t g = 0; g < n_g; ++g) {
-                         const auto & src = cap.scores[l][g];
-                         std::copy(src.begin(), src.begin() + std::min(src.size(), n_p), out.begin() + (l * n_g + g) * n_p);
-                         std::fill(cap.scores[l][g].begin(), cap.scores[l][g].end(), 0.0f);
-                     }
-                 }
-                 const int64_t rows = cap.n_rows_seen;
-                 cap.n_rows_seen = 0;
-                 return nb::make_tuple(owned_array<float>(std::move(out), {n_l, n_g, n_p}), rows);
+                 psg_capture::taken t = c.capture->take();
+                 const int64_t rows = t.n_rows;
+                 return nb::make_tuple(owned_array<float>(std::move(t.scores), {t.n_layer, t.n_head_kv, t.n_pos}),
+                                       rows);
              },
              "Scores so far as float32 [layer, kv_head, position] and the number of query rows "
              "reduced; resets them to zero and stays armed.")
@@ -250,19 +240,19 @@ NB_MODULE(_native, m) {
                      nb::gil_scoped_release release;
                      b = c.state_get(seq);
                  }
-                 return nb::bytes(reinterpret_cast<const char *>(b.data()), b.size());
+                 return to_bytes(b);
              },
              "seq"_a = 0)
         .def("state_set",
              [](psg_context & c, int32_t seq, nb::bytes blob) {
-                 std::vector<uint8_t> b((const uint8_t *) blob.c_str(), (const uint8_t *) blob.c_str() + blob.size());
+                 std::vector<uint8_t> b = to_blob(blob);
                  nb::gil_scoped_release release;
                  c.state_set(seq, b);
              },
              "seq"_a, "blob"_a)
         .def("load_state",
              [](psg_context & c, int32_t seq, nb::bytes blob, uint32_t n_ctx) {
-                 std::vector<uint8_t> b((const uint8_t *) blob.c_str(), (const uint8_t *) blob.c_str() + blob.size());
+                 std::vector<uint8_t> b = to_blob(blob);
                  nb::gil_scoped_release release;
                  c.load_state(seq, b, n_ctx);
              },
@@ -270,27 +260,25 @@ NB_MODULE(_native, m) {
              "Replace the context's cells by a sequence state, first resizing it to n_ctx cells (0: as it is).")
         .def("state_rewrite",
              [](const psg_context & c, nb::bytes blob, const i32_grid & keep, const i32_array & cell_pos, int32_t seq) {
-                 std::vector<uint8_t> b((const uint8_t *) blob.c_str(), (const uint8_t *) blob.c_str() + blob.size());
-                 std::vector<int32_t> k(keep.data(), keep.data() + keep.size());
-                 check_keep_shape(c, keep);
+                 std::vector<uint8_t> b = to_blob(blob);
+                 psg_keep k = to_keep(keep);
                  std::vector<int32_t> p = to_vec(cell_pos);
                  std::vector<uint8_t> out;
                  {
                      nb::gil_scoped_release release;
-                     out = c.state_rewrite(b, k, (int32_t) keep.shape(2), p, seq);
+                     out = c.state_rewrite(b, k, p, seq);
                  }
-                 return nb::bytes(reinterpret_cast<const char *>(out.data()), out.size());
+                 return to_bytes(out);
              },
              "blob"_a, "keep"_a, "cell_pos"_a, "seq"_a = 0,
              "The state blob rewritten so that cell i of layer l, KV head h holds position keep[l, h, i]; the "
              "cells get positions cell_pos.")
         .def("keep_per_head",
              [](psg_context & c, int32_t seq, const i32_grid & keep, const i32_array & cell_pos, uint32_t n_ctx) {
-                 std::vector<int32_t> k(keep.data(), keep.data() + keep.size());
-                 check_keep_shape(c, keep);
+                 psg_keep k = to_keep(keep);
                  std::vector<int32_t> p = to_vec(cell_pos);
                  nb::gil_scoped_release release;
-                 c.keep_per_head(seq, k, (int32_t) keep.shape(2), p, n_ctx);
+                 c.keep_per_head(seq, k, p, n_ctx);
              },
              "seq"_a, "keep"_a, "cell_pos"_a, "n_ctx"_a = 0,
              "Per-(layer, KV head) eviction: keep[l, h] lists the positions layer l, KV head h keeps (one length "

@@ -7,12 +7,43 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+
+using std::invalid_argument;
+using std::to_string;
 
 static const char   k_softmax_prefix[] = "kq_soft_max-";
 static const size_t k_softmax_prefix_len = sizeof(k_softmax_prefix) - 1;
 
 void psg_capture::arm(const std::vector<int32_t> & layer_ids, const std::vector<int32_t> & positions,
                       const std::vector<float> & weights, psg_reduce how) {
+    if (layer_ids.empty()) {
+        throw invalid_argument("capture needs at least one layer");
+    }
+    std::vector<int32_t> seen(n_layer, 0);
+    for (int32_t l : layer_ids) {
+        if (l < 0 || l >= n_layer) {
+            throw invalid_argument("layer " + to_string(l) + " out of range [0, " + to_string(n_layer) + ")");
+        }
+        if (seen[l]++) {
+            throw invalid_argument("layer " + to_string(l) + " listed twice");
+        }
+    }
+    if (positions.empty()) {
+        throw invalid_argument("capture needs at least one query position");
+    }
+    for (int32_t p : positions) {
+        if (p < 0) {
+            throw invalid_argument("query position " + to_string(p) + " is negative");
+        }
+    }
+    if (!weights.empty() && weights.size() != positions.size()) {
+        throw invalid_argument("weights must be empty or as long as the query positions");
+    }
+    if (how != PSG_REDUCE_MAX && how != PSG_REDUCE_SUM) {
+        throw invalid_argument("reduce must be 'max' or 'sum'");
+    }
     layers = layer_ids;
     layer_slot.assign(n_layer, -1);
     for (size_t i = 0; i < layers.size(); ++i) {
@@ -43,7 +74,9 @@ void psg_capture::disarm() {
     buf.shrink_to_fit();
 }
 
-void psg_capture::set_ubatch(const int32_t * pos, int32_t n_tokens) {
+void psg_capture::set_ubatch(const psg_kv_cells & kv, const int32_t * pos, int32_t n_tokens) {
+    cells = &kv;
+    ubatch_tensors0 = n_tensors_seen;
     ubatch_rows.clear();
     ubatch_weights.clear();
     if (!armed) {
@@ -56,6 +89,46 @@ void psg_capture::set_ubatch(const int32_t * pos, int32_t n_tokens) {
             ubatch_weights.push_back(it->second);
         }
     }
+}
+
+void psg_capture::ubatch_discard() {
+    ubatch_rows.clear();
+}
+
+void psg_capture::ubatch_finish() {
+    if (ubatch_rows.empty()) {
+        return;
+    }
+    ubatch_rows.clear();
+    const int64_t seen = n_tensors_seen - ubatch_tensors0;
+    const int64_t expect = (int64_t) layers.size();
+    if (seen != expect) {
+        throw std::runtime_error("attention capture saw " + to_string(seen) + " of " + to_string(expect) +
+                                 " attention tensors" +
+                                 (error.empty() ? " (is flash attention off?)" : ": " + error));
+    }
+}
+
+psg_capture::taken psg_capture::take() {
+    if (!armed) {
+        throw std::runtime_error("capture is not armed");
+    }
+    taken t;
+    t.n_layer = layers.size();
+    t.n_head_kv = (size_t) n_head_kv;
+    t.n_pos = (size_t) n_pos;
+    t.scores.assign(t.n_layer * t.n_head_kv * t.n_pos, 0.0f);
+    for (size_t l = 0; l < t.n_layer; ++l) {
+        for (size_t g = 0; g < t.n_head_kv; ++g) {
+            std::vector<float> & src = scores[l][g];
+            std::copy(src.begin(), src.begin() + std::min(src.size(), t.n_pos),
+                      t.scores.begin() + (l * t.n_head_kv + g) * t.n_pos);
+            std::fill(src.begin(), src.end(), 0.0f);
+        }
+    }
+    t.n_rows = n_rows_seen;
+    n_rows_seen = 0;
+    return t;
 }
 
 static int32_t softmax_layer(const ggml_tensor * t) {
@@ -98,11 +171,11 @@ void psg_capture::reduce_tensor(ggml_tensor * t) {
     const int32_t group = n_head / n_head_kv;
 
     // Keys are KV cells; only cells that hold a position carry a score.
-    const std::vector<int32_t> & cells = *cell_pos;
-    const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) cells.size());
+    const std::vector<int32_t> & cell_pos = cells->pos;
+    const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) cell_pos.size());
     int32_t max_pos = -1;
     for (int64_t c = 0; c < n_cells; ++c) {
-        max_pos = std::max(max_pos, cells[c]);
+        max_pos = std::max(max_pos, cell_pos[c]);
     }
     if (max_pos + 1 > n_pos) {
         n_pos = max_pos + 1;
@@ -140,14 +213,14 @@ void psg_capture::reduce_tensor(ggml_tensor * t) {
                 const float * row = buf.data() + i * n_kv;
                 if (reduce == PSG_REDUCE_MAX) {
                     for (int64_t c = 0; c < n_cells; ++c) {
-                        const int32_t p = cells[c];
+                        const int32_t p = cell_pos[c];
                         if (p >= 0) {
                             out[p] = std::max(out[p], w * row[c]);
                         }
                     }
                 } else {
                     for (int64_t c = 0; c < n_cells; ++c) {
-                        const int32_t p = cells[c];
+                        const int32_t p = cell_pos[c];
                         if (p >= 0) {
                             out[p] += w * row[c];
                         }

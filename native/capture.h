@@ -2,6 +2,8 @@
 // eval callback sees them, into one score per (layer, KV head, key position).
 #pragma once
 
+#include "kv_cells.h"
+
 #include <cstdint>
 #include <string>
 #include <unordered_map>
@@ -28,9 +30,10 @@ struct psg_capture {
     std::unordered_map<int32_t, float> query_weight; // query position -> row weight
 
     // set by the decode loop before each llama_decode (one ubatch per call)
-    std::vector<int32_t> ubatch_rows;    // rows of this ubatch that are observation queries
-    std::vector<float>   ubatch_weights; // their weights
-    const std::vector<int32_t> * cell_pos = nullptr; // KV cell -> position (-1: empty)
+    std::vector<int32_t>  ubatch_rows;    // rows of this ubatch that are observation queries
+    std::vector<float>    ubatch_weights; // their weights
+    const psg_kv_cells *  cells = nullptr; // the context's KV cells, to map columns to positions
+    int64_t               ubatch_tensors0 = 0; // n_tensors_seen when the ubatch was set
 
     // result: scores[slot][kv_head][position]
     std::vector<std::vector<std::vector<float>>> scores;
@@ -43,13 +46,30 @@ struct psg_capture {
 
     std::vector<float> buf;       // scratch for rows read from the backend
 
+    // Checks the request (std::invalid_argument), then arms: scores start at zero.
     void arm(const std::vector<int32_t> & layer_ids, const std::vector<int32_t> & positions,
              const std::vector<float> & weights, psg_reduce how);
     void disarm();
-    // Selects the observation rows of the next ubatch, given its token positions.
-    void set_ubatch(const int32_t * pos, int32_t n_tokens);
+    // Selects the observation rows of the next ubatch, given its token
+    // positions, whose keys are the cells `kv` (with the ubatch's own cells
+    // already appended).
+    void set_ubatch(const psg_kv_cells & kv, const int32_t * pos, int32_t n_tokens);
+    // After llama_decode ran the ubatch: forgets it and, when it held
+    // observation rows, checks that every armed layer was reduced.
+    void ubatch_finish();
+    // After llama_decode failed: forgets the ubatch.
+    void ubatch_discard();
     bool wants(const ggml_tensor * t) const;
     void reduce_tensor(ggml_tensor * t);
+
+    // Scores so far as [layer slot][KV head][position], flat, and the number of
+    // query rows reduced; resets both to zero and stays armed.
+    struct taken {
+        std::vector<float> scores;
+        size_t             n_layer = 0, n_head_kv = 0, n_pos = 0;
+        int64_t            n_rows = 0;
+    };
+    taken take();
 };
 
 // The llama.cpp eval callback; user data is a psg_capture.

@@ -1,6 +1,9 @@
 #include "heads.h"
 
+#include "state_blob.h"
+
 #include "ggml.h"
+#include "llama.h"
 
 #include <cstring>
 #include <stdexcept>
@@ -14,33 +17,6 @@ using std::vector;
 
 namespace {
 
-// llama_context's io_magic for sequence states (src/llama-context.cpp)
-constexpr uint32_t STATE_SEQ_MAGIC = 0xaf143cd8;
-
-struct reader {
-    const vector<uint8_t> & blob;
-    size_t off = 0;
-
-    template <typename T> T get(const char * what) {
-        if (off + sizeof(T) > blob.size()) {
-            throw invalid_argument(string("KV state blob is truncated (reading ") + what + ")");
-        }
-        T v;
-        memcpy(&v, blob.data() + off, sizeof(T));
-        off += sizeof(T);
-        return v;
-    }
-
-    size_t skip(uint64_t n, const char * what) {
-        if (n > blob.size() - off) {
-            throw invalid_argument(string("KV state blob is truncated (") + what + ")");
-        }
-        const size_t at = off;
-        off += n;
-        return at;
-    }
-};
-
 struct writer {
     vector<uint8_t> & out;
     template <typename T> void put(T v) {
@@ -50,25 +26,8 @@ struct writer {
     }
 };
 
-// One layer's K (or row-major V) rows, or one layer's transposed V.
-struct tensor_block {
-    int32_t type = 0;
-    uint64_t row_bytes = 0;  // K / row-major V: bytes of one cell's row
-    uint32_t el_bytes = 0;   // transposed V: bytes of one element
-    uint32_t n_embd = 0;     // transposed V: rows (n_embd_v_gqa)
-    size_t data = 0;         // offset of the data in the blob
-};
-
-void check_type(int32_t type, const char * what, int32_t il) {
-    const string where = string(what) + " of layer " + to_string(il);
-    if (type < 0 || type >= GGML_TYPE_COUNT || ggml_blck_size((ggml_type) type) <= 0 ||
-        ggml_type_size((ggml_type) type) == 0) {
-        throw invalid_argument("KV state: unknown tensor type " + to_string(type) + " in " + where);
-    }
-}
-
 // A row of n_head_kv equal head slices, each a whole number of blocks.
-uint64_t head_slice_bytes(const tensor_block & b, int32_t n_head_kv, const char * what, int32_t il) {
+uint64_t head_slice_bytes(const psg_state_tensor & b, int32_t n_head_kv, const char * what, int32_t il) {
     const ggml_type t = (ggml_type) b.type;
     const uint64_t ts = ggml_type_size(t), bs = (uint64_t) ggml_blck_size(t);
     const uint64_t n_el = b.row_bytes / ts * bs;
@@ -85,50 +44,42 @@ uint64_t head_slice_bytes(const tensor_block & b, int32_t n_head_kv, const char 
     return b.row_bytes / (uint64_t) n_head_kv;
 }
 
-tensor_block read_rows(reader & r, uint32_t n_cells, const char * what, int32_t il) {
-    tensor_block b;
-    b.type = r.get<int32_t>(what);
-    check_type(b.type, what, il);
-    b.row_bytes = r.get<uint64_t>(what);
-    if (b.row_bytes != 0 && n_cells > UINT64_MAX / b.row_bytes) {
-        throw invalid_argument("KV state: " + string(what) + " size overflows");
-    }
-    b.data = r.skip(b.row_bytes * n_cells, what);
-    return b;
-}
-
-tensor_block read_transposed(reader & r, uint32_t n_cells, int32_t il) {
-    tensor_block b;
-    b.type = r.get<int32_t>("V type");
-    check_type(b.type, "V", il);
-    b.el_bytes = r.get<uint32_t>("V element size");
-    b.n_embd = r.get<uint32_t>("V rows");
-    const ggml_type t = (ggml_type) b.type;
-    if (ggml_blck_size(t) != 1 || b.el_bytes != ggml_type_size(t)) {
-        throw invalid_argument("KV state: transposed V of layer " + to_string(il) + " has type " + ggml_type_name(t) +
-                               " with element size " + to_string(b.el_bytes) + "; only unquantized types are "
-                               "stored transposed");
-    }
-    b.data = r.skip((uint64_t) b.n_embd * n_cells * b.el_bytes, "V data");
-    return b;
-}
-
 } // namespace
 
-vector<uint8_t> psg_rewrite_state(const vector<uint8_t> & blob, const psg_state_shape & shape,
-                                  const vector<int32_t> & keep, int32_t n_keep, const vector<int32_t> & cell_pos,
-                                  int32_t seq_out) {
-    const int32_t L = shape.n_layer, G = shape.n_head_kv, C = n_keep;
+void psg_heads_check_model(const llama_model * m) {
+    if (llama_model_is_recurrent(m) || llama_model_is_hybrid(m)) {
+        throw invalid_argument("per-head KV eviction needs a plain attention KV cache; this model is recurrent or "
+                               "hybrid");
+    }
+    if (llama_model_n_swa(m) > 0) {
+        throw invalid_argument("per-head KV eviction does not support sliding-window attention models");
+    }
+    const llama_rope_type rope = llama_model_rope_type(m);
+    if (rope == LLAMA_ROPE_TYPE_MROPE || rope == LLAMA_ROPE_TYPE_IMROPE || rope == LLAMA_ROPE_TYPE_VISION) {
+        throw invalid_argument("per-head KV eviction does not support M-RoPE models (their cells carry 2D positions)");
+    }
+}
+
+void psg_keep_check_shape(const psg_keep & keep, const psg_state_shape & shape) {
+    const size_t L = (size_t) shape.n_layer, G = (size_t) shape.n_head_kv;
+    if (keep.n_layer != L || keep.n_head_kv != G || keep.n_keep == 0) {
+        throw invalid_argument("keep must have shape [n_layer=" + to_string(L) + ", n_head_kv=" + to_string(G) +
+                               ", C >= 1], not [" + to_string(keep.n_layer) + ", " + to_string(keep.n_head_kv) +
+                               ", " + to_string(keep.n_keep) + "]");
+    }
+    if (keep.n_keep > (size_t) INT32_MAX || keep.pos.size() != L * G * keep.n_keep) {
+        throw invalid_argument("keep holds " + to_string(keep.pos.size()) + " positions, not n_layer * n_head_kv * C");
+    }
+}
+
+vector<uint8_t> psg_rewrite_state(const vector<uint8_t> & blob, const psg_state_shape & shape, const psg_keep & keep,
+                                  const vector<int32_t> & cell_pos, int32_t seq_out) {
+    const int32_t L = shape.n_layer, G = shape.n_head_kv;
     if (L < 1 || G < 1) {
         throw invalid_argument("KV state: the model has no layers or KV heads");
     }
-    if (C < 1) {
-        throw invalid_argument("keep at least one KV entry per layer and head");
-    }
-    if (keep.size() != (size_t) L * G * C) {
-        throw invalid_argument("kept entries must be [n_layer=" + to_string(L) + ", n_head_kv=" + to_string(G) +
-                               ", C] with one C for every layer and head");
-    }
+    psg_keep_check_shape(keep, shape);
+    const int32_t C = (int32_t) keep.n_keep;
     if (cell_pos.size() != (size_t) C) {
         throw invalid_argument("cell positions: " + to_string(cell_pos.size()) + " given for " + to_string(C) +
                                " kept entries per head");
@@ -140,72 +91,42 @@ vector<uint8_t> psg_rewrite_state(const vector<uint8_t> & blob, const psg_state_
     }
 
     // ---- parse (everything checked before anything is written)
-    reader r{blob};
-    if (r.get<uint32_t>("magic") != STATE_SEQ_MAGIC) {
-        throw invalid_argument("KV state blob has the wrong magic; not a sequence state of this llama.cpp build");
-    }
-    r.get<int32_t>("sequence id");
-    const uint32_t n_stream = r.get<uint32_t>("stream count");
-    if (n_stream != 1) {
-        throw invalid_argument("KV state has " + to_string(n_stream) + " streams; per-head eviction supports one "
-                               "(a unified KV cache)");
-    }
-    const uint32_t n_cells = r.get<uint32_t>("cell count");
+    psg_state_blob st = psg_state_read_cells(blob);
+    const uint32_t n_cells = (uint32_t) st.cell_pos.size();
     if (n_cells == 0) {
         throw invalid_argument("KV state holds no cells");
     }
     std::unordered_map<int32_t, int32_t> cell_of; // position -> cell index in the blob
     cell_of.reserve(n_cells);
     for (uint32_t i = 0; i < n_cells; ++i) {
-        const int32_t pos = r.get<int32_t>("cell position");
-        const uint32_t n_seq = r.get<uint32_t>("cell sequence count");
-        if (n_seq != 1) {
-            throw invalid_argument("KV state: cell " + to_string(i) + " belongs to " + to_string(n_seq) +
-                                   " sequences; a single-sequence state has one");
-        }
-        r.get<int32_t>("cell sequence id");
-        if (!cell_of.emplace(pos, (int32_t) i).second) {
-            throw invalid_argument("KV state holds position " + to_string(pos) + " twice");
+        if (!cell_of.emplace(st.cell_pos[i], (int32_t) i).second) {
+            throw invalid_argument("KV state holds position " + to_string(st.cell_pos[i]) + " twice");
         }
     }
-    const uint32_t v_trans = r.get<uint32_t>("v_trans");
-    const uint32_t n_layer = r.get<uint32_t>("layer count");
-    if (v_trans > 1) {
-        throw invalid_argument("KV state: v_trans is " + to_string(v_trans) + " (a different state format)");
-    }
-    if (n_layer != (uint32_t) L) {
-        throw invalid_argument("KV state has " + to_string(n_layer) + " layers, the model " + to_string(L) +
-                               " (layers without their own KV are not supported)");
-    }
-    vector<tensor_block> k(L), v(L);
+    psg_state_read_layers(blob, st, L);
+    const uint32_t v_trans = st.v_trans;
+    const vector<psg_state_tensor> & k = st.k;
+    const vector<psg_state_tensor> & v = st.v;
+    // every row must split into G head slices
     vector<uint64_t> k_slice(L), v_slice(L);
     for (int32_t il = 0; il < L; ++il) {
-        k[il] = read_rows(r, n_cells, "K", il);
         k_slice[il] = head_slice_bytes(k[il], G, "K", il);
     }
     for (int32_t il = 0; il < L; ++il) {
-        if (v_trans) {
-            v[il] = read_transposed(r, n_cells, il);
-            if (v[il].n_embd % (uint32_t) G != 0) {
-                throw invalid_argument("KV state: V of layer " + to_string(il) + " has " + to_string(v[il].n_embd) +
-                                       " rows, not a multiple of " + to_string(G) + " heads");
-            }
-        } else {
-            v[il] = read_rows(r, n_cells, "V", il);
+        if (!v_trans) {
             v_slice[il] = head_slice_bytes(v[il], G, "V", il);
+        } else if (v[il].n_embd % (uint32_t) G != 0) {
+            throw invalid_argument("KV state: V of layer " + to_string(il) + " has " + to_string(v[il].n_embd) +
+                                   " rows, not a multiple of " + to_string(G) + " heads");
         }
-    }
-    if (r.off != blob.size()) {
-        throw invalid_argument("KV state blob has " + to_string(blob.size() - r.off) + " unexpected trailing bytes "
-                               "(a memory type or format this build does not handle)");
     }
 
     // ---- map kept positions to blob cells; each head's list must be distinct
-    vector<int32_t> src(keep.size());
+    vector<int32_t> src(keep.pos.size());
     vector<int32_t> seen(n_cells, -1);
     for (int32_t lh = 0; lh < L * G; ++lh) {
         for (int32_t i = 0; i < C; ++i) {
-            const int32_t p = keep[(size_t) lh * C + i];
+            const int32_t p = keep.pos[(size_t) lh * C + i];
             auto it = cell_of.find(p);
             if (it == cell_of.end()) {
                 throw invalid_argument("kept position " + to_string(p) + " (layer " + to_string(lh / G) + ", KV head " +
@@ -229,7 +150,7 @@ vector<uint8_t> psg_rewrite_state(const vector<uint8_t> & blob, const psg_state_
     }
     out.reserve(size);
     writer w{out};
-    w.put<uint32_t>(STATE_SEQ_MAGIC);
+    w.put<uint32_t>(PSG_STATE_SEQ_MAGIC);
     w.put<int32_t>(seq_out);
     w.put<uint32_t>(1);
     w.put<uint32_t>((uint32_t) C);
@@ -239,9 +160,9 @@ vector<uint8_t> psg_rewrite_state(const vector<uint8_t> & blob, const psg_state_
         w.put<int32_t>(seq_out);
     }
     w.put<uint32_t>(v_trans);
-    w.put<uint32_t>(n_layer);
+    w.put<uint32_t>((uint32_t) L);
 
-    auto put_rows = [&](const tensor_block & b, uint64_t slice, int32_t il) {
+    auto put_rows = [&](const psg_state_tensor & b, uint64_t slice, int32_t il) {
         w.put<int32_t>(b.type);
         w.put<uint64_t>(b.row_bytes);
         const size_t at = out.size();
@@ -258,7 +179,7 @@ vector<uint8_t> psg_rewrite_state(const vector<uint8_t> & blob, const psg_state_
         put_rows(k[il], k_slice[il], il);
     }
     for (int32_t il = 0; il < L; ++il) {
-        const tensor_block & b = v[il];
+        const psg_state_tensor & b = v[il];
         if (!v_trans) {
             put_rows(b, v_slice[il], il);
             continue;
