@@ -26,22 +26,32 @@ def long_tokens(session, prose):
     return tokens
 
 
-@pytest.mark.parametrize("method", ["speckv", "speckv_pc"])
-def test_no_length_overflows_a_context(session, long_tokens, method):
-    """Every prompt length around the 256-cell padding of n_ctx = 2048, with
-    the default 64-token lookahead: each context is sized from the prompt,
-    the lookahead and the answer, so none runs out of cells."""
-    for n in range(2020, 2051):
-        r = session.generate(long_tokens[:n], method=method, budget=512, max_tokens=3)
+@pytest.mark.parametrize("method,options", [("speckv", {}), ("speckv_pc", {"pc_budget": 248})])
+def test_no_length_overflows_a_context(session, long_tokens, method, options):
+    """Every prompt length around a 256-cell padding boundary of n_ctx, with
+    the default 64-token lookahead (the cascade's prompt stage starts at 249
+    tokens here): each context is sized from the prompt, the lookahead and
+    the answer, so none runs out of cells. A context sized n + 8, as SpecKV's
+    draft context once was, fails from n = 194 on."""
+    for n in range(236, 263):
+        r = session.generate(long_tokens[:n], method=method, budget=128, max_tokens=3, **options)
         assert r.stats.prompt_tokens == n
-        assert r.kept[-1] == n - 1 and r.stats.kept_tokens == 512 + 1
+        assert r.kept[-1] == n - 1 and r.stats.kept_tokens == 128 + 1
+
+
+@pytest.mark.parametrize("method,n", [("speckv", 2032), ("speckv_pc", 2049)])
+def test_no_overflow_at_the_default_sizes(session, long_tokens, method, n):
+    """The 2,032-token prompt that once failed, and the cascade just past its
+    default 2,048-token prompt stage."""
+    r = session.generate(long_tokens[:n], method=method, budget=512, max_tokens=3)
+    assert r.kept[-1] == n - 1 and r.stats.kept_tokens == 512 + 1
 
 
 def test_a_long_answer_fits_too(session, long_tokens):
-    r = session.generate(long_tokens[:2040], method="draft", max_tokens=40)
+    r = session.generate(long_tokens[:500], method="draft", max_tokens=40)
     assert r.stats.generated_tokens >= 1
-    r = session.generate(long_tokens[:2040], method="speckv", budget=256, max_tokens=40, lookahead=200)
-    assert r.stats.kept_tokens == 257
+    r = session.generate(long_tokens[:500], method="speckv", budget=128, max_tokens=40, lookahead=200)
+    assert r.stats.kept_tokens == 129
 
 
 @pytest.mark.parametrize("method", ["speckv", "snapkv", "streamingllm"])
