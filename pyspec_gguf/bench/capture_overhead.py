@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import haystack, registry
 from ..engine import Model
+from ..passes import Clock, DraftNeeds, draft_pass
 from .common import append_result, summary
 
 
@@ -34,24 +35,20 @@ def main(args) -> dict:
         tokens = model.tokenize(haystack.fit_tokens(model, args.tokens))
         n = len(tokens)
         layers = np.arange(args.start_layer, model.n_layer, dtype=np.int32)
-        queries = np.arange(n - args.window, n, dtype=np.int32)
-        weights = np.linspace(0, 1, args.window, dtype=np.float32)
-        ctx = model.context(n_ctx=n + 16, n_threads=args.threads)
+        options = {"n_threads": args.threads}
 
         def prefill(armed: bool) -> float:
-            ctx.clear()
+            """The draft pass, capturing SpecPC's rows or nothing; seconds of its prefill."""
+            needs = DraftNeeds(window=args.window, weighted=True, start_layer=args.start_layer) if armed \
+                else DraftNeeds()
+            clock, c0 = Clock(), time.process_time()
+            done = draft_pass(model, tokens, needs, options, clock, room=1)  # room: keep the context to read
+            dc = time.process_time() - c0
             if armed:
-                ctx.capture_arm(layers, queries, weights, "max")
-            t0, c0 = time.perf_counter(), time.process_time()
-            ctx.prefill(tokens)
-            if armed:
-                ctx.capture_take()
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if armed:
-                reduce_s.append(ctx.capture_seconds - sum(reduce_s))
-            ctx.capture_disarm()
+                reduce_s.append(done.context.capture_seconds)
+            done.context.close()
             (cpu_armed if armed else cpu_plain).append(dc)
-            return dt
+            return clock.times["draft_prefill"]
 
         cpu_plain, cpu_armed, reduce_s = [], [], []
         prefill(False)  # warm-up: page in the weights
