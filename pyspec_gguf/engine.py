@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import os
 import weakref
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import _log  # noqa: F401  (routes llama.cpp's log before anything loads)
 from . import _native
-from .registry import resolve
+from .registry import resolve, sha256_file
 
 Messages = Sequence[dict]
 Progress = Callable[[int, int], None]
@@ -42,6 +43,7 @@ class Model:
         path = resolve(os.fspath(spec), progress=progress)
         self._native = _native.Model(str(path), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
         self.path = str(path)
+        self._sha256: Optional[str] = None
         self._contexts: weakref.WeakSet = weakref.WeakSet()  # closed ones drop out when collected
 
     # -- lifetime
@@ -76,6 +78,31 @@ class Model:
     @property
     def n_vocab(self) -> int:
         return self._native.n_vocab
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The context length the model was trained for, as its GGUF says
+        (0 where it does not)."""
+        value = self.meta(f"{self.meta('general.architecture')}.context_length")
+        return int(value) if value.isdigit() else 0
+
+    def sha256(self) -> str:
+        """The model file's sha256 (hashed once per process)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(Path(self.path))
+        return self._sha256
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def check_fits(self, n_tokens: int, what: str) -> None:
+        """Refuse more tokens than the model was trained for: past it the
+        answers degrade silently (llama.cpp only logs a warning)."""
+        limit = self.n_ctx_train
+        if limit and n_tokens > limit:
+            raise ValueError(f"{what} needs {n_tokens:,} tokens, more than the {limit:,} that {self.name} was "
+                             "trained for; use a shorter document or a model with a longer context")
 
     @property
     def kv_bytes_per_token(self) -> int:

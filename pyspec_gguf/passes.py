@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .prefix import PrefixCache
 from .scoring import REDUCTIONS, combine
 
 # "eviction": dropping the unselected KV entries and compacting (or, per
@@ -108,38 +109,61 @@ def capture(ctx, tokens, layers, queries, weights=None, reduce: str = "max", pro
 
 
 def draft_pass(model, tokens: np.ndarray, needs: DraftNeeds, options: dict, clock: Clock,
-               progress: Optional[Callable] = None, room: int = 0) -> DraftPass:
+               progress: Optional[Callable] = None, room: int = 0, cache: Optional[PrefixCache] = None) -> DraftPass:
     """The draft prefills the prompt (capturing what `needs` asks) and drafts
     its lookahead. With room > 0 the context stays open with that many free
-    cells beyond the lookahead (the draft answering alone decodes there)."""
+    cells beyond the lookahead (the draft answering alone decodes there).
+    With a `cache`, its context is used: only the tokens after the prefix it
+    holds are prefilled (the window's rows are always among them), and it
+    keeps the prompt's KV for the next call."""
     n = len(tokens)
     if needs.start_layer >= model.n_layer:
         raise ValueError(f"start_layer {needs.start_layer} >= the draft's {model.n_layer} layers")
     if needs.reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, not {needs.reduction!r}")
+    if needs.logprobs and cache is not None:
+        raise ValueError("per-token log-probabilities come from a fresh prefill, not a cached prefix")
     layers = np.arange(needs.start_layer, model.n_layer)
-    ctx = model.context(n_ctx=n + needs.lookahead + room, **options)
+    n_ctx = n + needs.lookahead + room
+    w = min(needs.window, n)
+    if cache is not None:
+        ctx = cache.take(tokens, max(w, 1), n_ctx)
+    else:
+        ctx = model.context(n_ctx=n_ctx, **options)
+    start = cache.reused if cache is not None else 0
     try:
         rows = logprobs = None
         with clock.stage("draft_prefill"):
-            if needs.window:
-                w = min(needs.window, n)
+            if w:
                 weights = np.linspace(0, 1, w) if needs.weighted else None
-                rows = capture(ctx, tokens, layers, np.arange(n - w, n), weights, needs.reduction, progress)
+                rows = capture(ctx, tokens[start:], layers, np.arange(n - w, n), weights, needs.reduction,
+                               _offset(progress, start, n))[..., :n]
             elif needs.logprobs:
                 logprobs = ctx.prefill(tokens, want="logprobs", progress=progress)
             else:
-                ctx.prefill(tokens, progress=progress)
+                ctx.prefill(tokens[start:], progress=_offset(progress, start, n))
+        if cache is not None:
+            cache.hold(tokens)
         with clock.stage("lookahead"):
             drafted, steps = greedy_lookahead(ctx, model, needs.lookahead,
                                               layers if needs.step_rows else None, needs.reduction, n_keys=n)
     except BaseException:
-        ctx.close()
+        if cache is not None:
+            cache.forget()
+        else:
+            ctx.close()
         raise
-    if not room:
+    if not room and cache is None:
         ctx.close()
         ctx = None
     return DraftPass(needs, rows, drafted, steps, logprobs, ctx)
+
+
+def _offset(progress: Optional[Callable], start: int, n: int) -> Optional[Callable]:
+    """Progress over the whole prompt for a prefill that starts at `start`."""
+    if progress is None or not start:
+        return progress
+    return lambda done, total: progress(start + done, n)
 
 
 def greedy_lookahead(ctx, model, n_tokens: int, layers=None, reduce: str = "max", n_keys: int = 0):
@@ -200,6 +224,7 @@ class TargetPass:
     needs: TargetNeeds
     window_rows: Optional[np.ndarray] = None     # [layer, kv_head, n - 1]
     lookahead_rows: Optional[np.ndarray] = None  # [layer, kv_head, n - 1]
+    cached: bool = False  # the context is a prefix cache's: answers must leave it whole
 
     def scores(self, reduction: str, lookahead: bool) -> np.ndarray:
         """[layer, kv_head, key]: the window's rows, with the drafted
@@ -212,23 +237,32 @@ class TargetPass:
 
 
 def target_pass(model, tokens: np.ndarray, needs: TargetNeeds, lookahead: np.ndarray, options: dict,
-                clock: Clock, room: int, n_seq: int = 1, progress: Optional[Callable] = None) -> TargetPass:
+                clock: Clock, room: int, n_seq: int = 1, progress: Optional[Callable] = None,
+                cache: Optional[PrefixCache] = None) -> TargetPass:
     """The target prefills the prompt, then the drafted tokens, capturing
     what `needs` asks, and keeps the KV of x[0, n-1) only: the last prompt
     token is decoded again after the selection, at its own position. The
-    context holds `room` more cells for that token and the answer."""
+    context holds `room` more cells for that token and the answer. With a
+    `cache`, its context is used (two sequences: answers fork from it) and
+    only the tokens after the prefix it holds are prefilled."""
     n = len(tokens)
     lookahead = np.asarray(lookahead if needs.captures else [], np.int32)
-    ctx = model.context(n_ctx=n + len(lookahead) + room, n_seq_max=n_seq, **options)
-    tp = TargetPass(tokens, ctx, needs)
+    n_ctx = n + len(lookahead) + room
+    w = min(needs.window + 1, n) if needs.captures else 1
+    if cache is not None:
+        ctx = cache.take(tokens, w, n_ctx)
+    else:
+        ctx = model.context(n_ctx=n_ctx, n_seq_max=n_seq, **options)
+    start = cache.reused if cache is not None else 0
+    rest, progress = tokens[start:], _offset(progress, start, n)
+    tp = TargetPass(tokens, ctx, needs, cached=cache is not None)
     try:
         with clock.stage("target_prefill"):
             if needs.captures:
-                w = min(needs.window + 1, n)
                 ctx.capture_arm(np.arange(model.n_layer, dtype=np.int32),
                                 np.arange(n - w, n + len(lookahead), dtype=np.int32), None, needs.reduction)
                 try:
-                    ctx.prefill(tokens, want="none", progress=progress)
+                    ctx.prefill(rest, want="none", progress=progress)
                     rows, _ = ctx.capture_take()
                     tp.window_rows = rows[..., : n - 1]
                     if len(lookahead):
@@ -238,10 +272,15 @@ def target_pass(model, tokens: np.ndarray, needs: TargetNeeds, lookahead: np.nda
                 finally:
                     ctx.capture_disarm()
             else:
-                ctx.prefill(tokens, want="none", progress=progress)
+                ctx.prefill(rest, want="none", progress=progress)
             ctx.seq_rm(0, n - 1, -1)
+        if cache is not None:
+            cache.hold(tokens[: n - 1])
     except BaseException:
-        ctx.close()
+        if cache is not None:
+            cache.forget()
+        else:
+            ctx.close()
         raise
     return tp
 
@@ -268,56 +307,86 @@ class AnswerContext:
 
     context: object
     seq: int = 0
-    own: bool = True      # close the context itself when done
+    own: bool = True      # close the context itself when done, else drop sequence `seq`
     cells: int = 0        # KV cells the target holds when decoding starts
+    leave: bool = False   # neither: a prefix cache's context (its next pass drops the answer)
 
     def close(self) -> None:
+        if self.leave:
+            return
         if self.own:
             self.context.close()
         else:
             self.context.seq_rm(self.seq, -1, -1)
 
 
-def keep_one_set(tp: TargetPass, keep: np.ndarray, clock: Clock, room: int, fork: bool) -> AnswerContext:
+def keep_one_set(tp: TargetPass, keep: np.ndarray, clock: Clock, room: int, how: str,
+                 model=None, options: Optional[dict] = None) -> AnswerContext:
     """Keep the prompt KV entries `keep` for all layers and heads, then
-    decode the last prompt token at its own position. In place: the rest is
-    dropped and the cache compacted into a context sized for the budget.
-    As a fork: a second sequence shares the kept cells; the pass's own KV
-    stays whole for the next selection."""
+    decode the last prompt token at its own position. `how`:
+    'in_place': the rest is dropped and the cache compacted into a context
+        sized for the budget;
+    'share': a second sequence shares the kept cells (no copy; decoding
+        attends over the whole cache, masked); the pass's KV stays whole;
+    'copy': the kept entries are copied, compacted, into a fresh context of
+        `model` (`options`); the pass's KV stays whole."""
     ctx, last = tp.context, tp.tokens[-1:]
     with clock.stage("eviction"):
-        if fork:
-            ctx.seq_cp(0, 1)
-            ctx.seq_keep_positions(1, keep)
-        else:
+        if how == "in_place":
             ctx.seq_keep_positions(0, keep)
             ctx.compact(0, n_ctx=len(keep) + room)
-    seq = 1 if fork else 0
-    with clock.stage("target_prefill"):
-        ctx.prefill(last, seq=seq)
-    return AnswerContext(ctx, seq, own=not fork, cells=len(keep) + 1)
+            seq = 0
+        else:
+            ctx.seq_cp(0, 1)
+            ctx.seq_keep_positions(1, keep)
+            seq = 1
+            if how == "copy":
+                try:
+                    blob = ctx.state_get(1)
+                finally:
+                    ctx.seq_rm(1, -1, -1)
+                ctx, seq = _loaded(model, options, blob, len(keep) + room), 0
+    answer = AnswerContext(ctx, seq, own=how != "share", cells=len(keep) + 1)
+    try:
+        with clock.stage("target_prefill"):
+            ctx.prefill(last, seq=seq)
+    except BaseException:
+        answer.close()
+        raise
+    return answer
 
 
-def keep_per_head(tp: TargetPass, keep: np.ndarray, clock: Clock, room: int, fork: bool,
+def _loaded(model, options: dict, blob: bytes, n_ctx: int):
+    """A fresh context of n_ctx cells holding the state `blob`."""
+    ctx = model.context(n_ctx=n_ctx, **options)
+    try:
+        ctx.load_state(0, blob)
+    except BaseException:
+        ctx.close()
+        raise
+    return ctx
+
+
+def keep_per_head(tp: TargetPass, keep: np.ndarray, clock: Clock, room: int, copy: bool,
                   model=None, options: Optional[dict] = None) -> AnswerContext:
     """Every layer and KV head keeps its own entries keep[layer, kv_head, C]
     (state rewrite); the C cells take the positions just before the last
     prompt token, which is then decoded at its own. Raises ValueError where
-    the model's KV cache cannot be rewritten. As a fork the rewrite goes to
-    a fresh context (`model`, `options`) and the pass's KV stays whole."""
+    the model's KV cache cannot be rewritten. With `copy` the rewrite goes
+    to a fresh context (`model`, `options`) and the pass's KV stays whole."""
     ctx, n, c = tp.context, len(tp.tokens), keep.shape[-1]
     cell_pos = np.arange(n - 1 - c, n - 1, dtype=np.int32)
     with clock.stage("eviction"):
-        if fork:
-            blob = ctx.state_rewrite(ctx.state_get(0), keep, cell_pos)
-            ctx = model.context(n_ctx=c + room, **options)
-            try:
-                ctx.load_state(0, blob)
-            except BaseException:
-                ctx.close()
-                raise
+        if copy:
+            ctx = _loaded(model, options, ctx.state_rewrite(ctx.state_get(0), keep, cell_pos), c + room)
         else:
             ctx.keep_per_head(0, keep, cell_pos, n_ctx=c + room)
-    with clock.stage("target_prefill"):
-        ctx.prefill(tp.tokens[-1:])
-    return AnswerContext(ctx, 0, own=True, cells=c + 1)
+    answer = AnswerContext(ctx, 0, own=True, cells=c + 1)
+    try:
+        with clock.stage("target_prefill"):
+            ctx.prefill(tp.tokens[-1:])
+    except BaseException:
+        if copy:
+            answer.close()
+        raise
+    return answer

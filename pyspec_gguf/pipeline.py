@@ -18,6 +18,7 @@ import numpy as np
 
 from ._log import logger as log
 from .methods import Method
+from .prefix import PrefixCache
 from .passes import (AnswerContext, Clock, DraftNeeds, DraftPass, TargetNeeds, TargetPass, draft_pass,
                      keep_one_set, keep_per_head, prefill_answer_context, target_pass)
 
@@ -50,12 +51,17 @@ class Analysis:
             needs share one draft pass and one target pass.
         fork: answers leave the passes' contexts whole (many variants of one
             prompt); otherwise the one answer takes them over (less memory).
+        caches: prefix caches of the draft and the target (a document's
+            conversation) that the passes over the whole prompt reuse and
+            leave whole; either may be None.
     """
 
     def __init__(self, session, tokens: np.ndarray, protected: np.ndarray, max_tokens: int,
                  methods: Sequence[Method], fork: bool = False, progress: Optional[Callable] = None,
-                 clock: Optional[Clock] = None):
+                 clock: Optional[Clock] = None, caches: Optional["Caches"] = None):
         self.session, self.tokens, self.protected = session, tokens, protected
+        self.caches = caches or Caches()
+        self.used_draft_cache = self.used_target_cache = False
         self.room = 1 + max_tokens  # the last prompt token, decoded again, and the answer
         self.fork, self.progress = fork, progress
         self.clock = clock or Clock()
@@ -75,8 +81,11 @@ class Analysis:
         if self.session.draft is None:
             raise ValueError("this method needs a draft model; the session has none")
         planned = next((p for p in self._draft_plan if needs.merge(p) == p), needs)
+        # log-probabilities of every token come from a fresh prefill
+        cache = None if planned.logprobs else self.caches.draft
+        self.used_draft_cache |= cache is not None
         done = draft_pass(self.session.draft, self.tokens, planned, self.session.context_options, self.clock,
-                          self.progress)
+                          self.progress, cache=cache)
         self._drafts.append(done)
         return done
 
@@ -91,11 +100,15 @@ class Analysis:
         lookahead = np.empty(0, np.int32)
         if planned.captures and planned.lookahead:
             lookahead = self.draft(DraftNeeds(lookahead=planned.lookahead)).drafted[: planned.lookahead]
+        # only a pass over the whole prompt is the cached prompt's continuation
+        cache = self.caches.target if len(positions) == len(self.tokens) else None
+        self.used_target_cache |= cache is not None
         done = target_pass(self.session.target, self.tokens[positions], planned, lookahead,
                            self.session.context_options, self.clock, self.room, n_seq=2 if self.fork else 1,
-                           progress=self.progress)
-        self._contexts.append(done.context)
-        if self.fork:
+                           progress=self.progress, cache=cache)
+        if cache is None:
+            self._contexts.append(done.context)
+        if self.fork or cache is not None:
             self._targets[(key, planned)] = done
         return done
 
@@ -126,22 +139,28 @@ class Analysis:
         """The draft answers alone, from its own pass's context."""
         if self.session.draft is None:
             raise ValueError("this method needs a draft model; the session has none")
+        cache = self.caches.draft
+        self.used_draft_cache |= cache is not None
         done = draft_pass(self.session.draft, self.tokens, DraftNeeds(), self.session.context_options,
-                          self.clock, self.progress, room=self.room)
-        self._contexts.append(done.context)
+                          self.clock, self.progress, room=self.room, cache=cache)
         kept = np.arange(len(self.tokens), dtype=np.int32)
-        return Prepared(AnswerContext(done.context, cells=len(kept)), self.session.draft, kept)
+        if cache is None:
+            self._contexts.append(done.context)
+            return Prepared(AnswerContext(done.context, cells=len(kept)), self.session.draft, kept)
+        # the answer decodes after the cached prompt; the next pass drops it
+        return Prepared(AnswerContext(done.context, cells=len(kept), leave=True), self.session.draft,
+                        kept)
 
     def _whole(self, positions: np.ndarray, scores) -> Prepared:
         """The target answers from every token at `positions`: a fresh
         prefill of them, or, for the whole prompt in a fork, a fork of the
         prompt's own target pass (the one the KV variants share)."""
         target = self.session.target
-        if self.fork and len(positions) == len(self.tokens):
+        if (self.fork or self.caches.target is not None) and len(positions) == len(self.tokens):
             needs = _any_needs(self._targets, positions) or next(iter(self._target_plan), None)
             tp = self.target(positions, needs or TargetNeeds(captures=False))
             keep = np.arange(len(positions) - 1, dtype=np.int32)
-            return Prepared(keep_one_set(tp, keep, self.clock, self.room, fork=True), target, positions, scores)
+            return Prepared(keep_one_set(tp, keep, self.clock, self.room, "share"), target, positions, scores)
         ctx = prefill_answer_context(target, self.tokens[positions], self.session.context_options, self.clock,
                                      self.room - 1, progress=self.progress)
         self._contexts.append(ctx)
@@ -161,7 +180,7 @@ class Analysis:
             with self.clock.stage("scoring"):
                 keep = kv.select_per_head(raw, budget, protected)
             try:
-                answer = keep_per_head(tp, keep, self.clock, self.room, self.fork, target,
+                answer = keep_per_head(tp, keep, self.clock, self.room, self.fork or tp.cached, target,
                                        self.session.context_options)
             except ValueError as e:
                 log.warning("%s: per-head eviction unavailable (%s); keeping one set for all heads", kv.name, e)
@@ -172,7 +191,8 @@ class Analysis:
         with self.clock.stage("scoring"):
             scores = kv.score(tp)
             keep = kv.select(scores, budget, protected)
-        answer = keep_one_set(tp, keep, self.clock, self.room, self.fork)
+        how = "share" if self.fork else "copy" if tp.cached else "in_place"
+        answer = keep_one_set(tp, keep, self.clock, self.room, how, target, self.session.context_options)
         return Prepared(answer, target, positions[np.append(keep, n - 1)].astype(np.int32), scores)
 
     def close(self) -> None:
@@ -180,6 +200,14 @@ class Analysis:
             ctx.close()
         self._contexts.clear()
         self._targets.clear()
+
+
+@dataclass
+class Caches:
+    """Prefix caches the passes over a whole prompt reuse (None: none)."""
+
+    draft: Optional[PrefixCache] = None
+    target: Optional[PrefixCache] = None
 
 
 def _merged(needs: list, merge) -> list:

@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from .engine import Model, Sampling, default_threads, iter_text
 from .methods import Method, make_method
 from .passes import STAGES
 from .pipeline import Analysis
+
+if TYPE_CHECKING:
+    from .document import Document
 
 # text, chat messages, or token ids already made (a numpy array of ints)
 Prompt = Union[str, Sequence[dict], np.ndarray]
@@ -37,10 +40,16 @@ class Stats:
     decode_tok_s: float = float("nan")
     target_kv_bytes: int = 0  # KV bytes the target holds when decoding starts
     peak_rss_bytes: int = 0   # of the process, so far
+    draft_cached: int = 0     # prompt tokens the draft found in its prefix cache (not prefilled again)
+    target_cached: int = 0    # the same for the target
 
     def line(self) -> str:
         t = self.times
-        return (f"[{self.method}] prompt {self.prompt_tokens} tok, kept {self.kept_tokens} | ttft {self.ttft_s:.2f} s "
+        cached = ""
+        if self.draft_cached or self.target_cached:
+            cached = f", cached: draft {self.draft_cached}, target {self.target_cached}"
+        return (f"[{self.method}] prompt {self.prompt_tokens} tok{cached}, kept {self.kept_tokens} | "
+                f"ttft {self.ttft_s:.2f} s "
                 f"(draft {t['draft_prefill'] + t['lookahead']:.2f} s, target prefill {t['target_prefill']:.2f} s) | "
                 f"decode {self.generated_tokens} tok, {self.decode_tok_s:.1f} tok/s | "
                 f"target KV {self.target_kv_bytes / 2**20:.1f} MiB | peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
@@ -142,6 +151,25 @@ class SpecSession:
         (e.g. the question) are always kept, as are the chat template's
         control tokens.
         """
+        stream_ = self.stream(prompt, method, budget, max_tokens, sampling, protect_last, progress,
+                              method_options)
+        return stream_ if stream else stream_.run()
+
+    def document(self, source, name: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
+                 cache: bool = True, read: bool = True) -> "Document":
+        """A document to ask questions about: `source` is its text or the
+        path of a .txt, .md, .pdf or .html file. The draft reads it now
+        (from a state saved by `Document.save` where one matches and
+        `cache`), or with the first question that needs it if not `read`;
+        each question then costs the draft only its new tokens. See
+        `pyspec_gguf.document`."""
+        from .document import Document
+        return Document(self, source, name=name, progress=progress, cache=cache, read=read)
+
+    def stream(self, prompt: Prompt, method: Union[str, Method], budget, max_tokens: int, sampling: Sampling,
+               protect_last: int, progress, method_options: dict, caches=None) -> "Stream":
+        """A validated call, not yet run: what `generate` and a document's
+        questions go through."""
         if isinstance(method, str):
             method = make_method(method, **method_options)
         elif method_options:
@@ -151,6 +179,7 @@ class SpecSession:
         if method.uses_draft and self.draft is None:
             raise ValueError(f"{method.name} needs a draft model; this session has none")
         tokens = self.tokenize(prompt)
+        self.check_fits(len(tokens), max_tokens, method)
         n_budget = resolve_budget(budget, len(tokens))
         if isinstance(protect_last, bool) or not isinstance(protect_last, int) or protect_last < 0:
             raise ValueError(f"protect_last must be an integer >= 0, not {protect_last!r}")
@@ -159,12 +188,13 @@ class SpecSession:
         if len(protected) >= n_budget and len(tokens) > n_budget:
             raise ValueError(f"budget {n_budget} leaves no room beyond the {len(protected)} protected tokens "
                              "(chat template control tokens and protect_last)")
-        stream_ = Stream(self, method, tokens, n_budget, max_tokens, sampling, protected, progress)
-        if stream:
-            return stream_
-        for _ in stream_:
-            pass
-        return stream_.result
+        return Stream(self, method, tokens, n_budget, max_tokens, sampling, protected, progress, caches)
+
+    def check_fits(self, n_prompt: int, max_tokens: int, method: Optional[Method] = None) -> None:
+        """A prompt and its answer within what the models were trained for."""
+        self.target.check_fits(n_prompt + max_tokens, f"the prompt ({n_prompt:,} tokens) with its answer")
+        if self.draft is not None and (method is None or method.uses_draft):
+            self.draft.check_fits(n_prompt, f"the prompt ({n_prompt:,} tokens)")
 
     # ------------------------------------------------------------ helpers
 
@@ -210,19 +240,27 @@ def resolve_budget(budget, n_prompt: int) -> int:
 
 class Stream:
     """Text pieces of the answer as they are generated; `.result` after.
-    The passes run on the first step of the iteration."""
+    The passes run on the first step of the iteration. `on_result` is called
+    with the Result of an answer that ran to its end."""
 
     def __init__(self, session: "SpecSession", method: Method, tokens: np.ndarray, budget: int, max_tokens: int,
-                 sampling: Sampling, protected: np.ndarray, progress):
+                 sampling: Sampling, protected: np.ndarray, progress, caches=None):
         self._session, self._method, self._tokens = session, method, tokens
         self._budget, self._max_tokens, self._sampling = budget, max_tokens, sampling
-        self._protected, self._progress = protected, progress
+        self._protected, self._progress, self._caches = protected, progress, caches
         self.result: Optional[Result] = None
+        self.on_result: Optional[Callable[[Result], None]] = None
+
+    def run(self) -> Result:
+        """The whole answer at once."""
+        for _ in self:
+            pass
+        return self.result
 
     def __iter__(self) -> Iterator[str]:
         t0 = time.perf_counter()
         analysis = Analysis(self._session, self._tokens, self._protected, self._max_tokens, [self._method],
-                            progress=self._progress)
+                            progress=self._progress, caches=self._caches)
         prepared = None
         try:
             prepared = analysis.prepare(self._method, self._budget)
@@ -242,13 +280,16 @@ class Stream:
             t_end = time.perf_counter()
             times = analysis.clock.times
             times["decode"] = t_end - t_dec
+            caches = analysis.caches
             stats = Stats(method=self._method.name, prompt_tokens=len(self._tokens), kept_tokens=prepared.cells,
                           budget=self._budget, generated_tokens=len(tokens), times=times,
                           ttft_s=(first or t_end) - t0,
                           decode_tok_s=(len(tokens) - 1) / (t_end - first) if first and len(tokens) > 1
                           and t_end > first else float("nan"),
                           target_kv_bytes=prepared.cells * model.kv_bytes_per_token,
-                          peak_rss_bytes=peak_rss())
+                          peak_rss_bytes=peak_rss(),
+                          draft_cached=caches.draft.reused if caches.draft and analysis.used_draft_cache else 0,
+                          target_cached=caches.target.reused if caches.target and analysis.used_target_cache else 0)
             self.result = Result(text=model.detokenize(tokens), tokens=tokens, stats=stats, kept=prepared.kept,
                                  scores=prepared.scores, prompt_tokens=self._tokens,
                                  kept_per_head=prepared.kept_per_head)
@@ -256,3 +297,5 @@ class Stream:
             if prepared is not None:
                 prepared.answer.close()
             analysis.close()
+        if self.on_result is not None:
+            self.on_result(self.result)

@@ -35,6 +35,8 @@ NOT_RUN = {
     "pytest": "is CI's own run (.ci/run)",
     "pyspec-gguf bench --profile full": "takes hours; its code path is the quick profile's",
     "pyspec-gguf bench --profile quick": "runs in tests/test_bench.py",
+    "pyspec-gguf chat --doc report.pdf --method specpc --budget 1024":
+        "interactive; tests/test_document.py drives the same command through stdin on SmolLM2",
 }
 
 DOC = ("The committee met on a grey Tuesday. After a long debate about the roof, the bridge and the school, "

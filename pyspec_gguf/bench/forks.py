@@ -29,13 +29,17 @@ VARIANTS = ("full", "specpc", "speckv@head", "speckv@token", "snapkv@head", "sna
 
 class PromptForks:
     """One prompt analysed once for `variants` (method names, with
-    `options[name]` as their options); `answer` applies one at a budget."""
+    `options[name]` as their options, or a dict of label: Method);
+    `answer` applies one at a budget."""
 
     def __init__(self, session, tokens: np.ndarray, protected: np.ndarray, max_tokens: int,
                  variants=VARIANTS, options: Optional[dict] = None, progress=None):
         self.s, self.tokens, self.max_tokens = session, tokens, max_tokens
         options = options or {}
-        self.methods = {v: make_method(v, **options.get(v, {})) for v in variants}
+        if isinstance(variants, dict):
+            self.methods = dict(variants)
+        else:
+            self.methods = {v: make_method(v, **options.get(v, {})) for v in variants}
         self.analysis = Analysis(session, tokens, protected, max_tokens, list(self.methods.values()), fork=True,
                                  progress=progress)
 
@@ -53,12 +57,12 @@ class PromptForks:
 
     def answer_kept(self, method: KVMethod, keep: np.ndarray) -> tuple[str, int]:
         """The answer from the prompt KV entries `keep`, one set for all heads."""
-        answer = keep_one_set(self._target(method), keep, self.analysis.clock, self.analysis.room, fork=True)
+        answer = keep_one_set(self._target(method), keep, self.analysis.clock, self.analysis.room, "share")
         return self._generate(answer), answer.cells
 
     def answer_per_head(self, method: KVMethod, keep: np.ndarray) -> tuple[str, int]:
         """The same with keep[layer, kv_head] kept per head (state rewrite)."""
-        answer = keep_per_head(self._target(method), keep, self.analysis.clock, self.analysis.room, fork=True,
+        answer = keep_per_head(self._target(method), keep, self.analysis.clock, self.analysis.room, copy=True,
                                model=self.s.target, options=self.s.context_options)
         return self._generate(answer), answer.cells
 

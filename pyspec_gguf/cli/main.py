@@ -4,9 +4,9 @@ import argparse
 import logging
 import sys
 
-from . import ask, bench, models
+from . import ask, bench, chat, models
 
-COMMANDS = {"ask": ask, "models": models, "bench": bench}
+COMMANDS = {"ask": ask, "chat": chat, "models": models, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

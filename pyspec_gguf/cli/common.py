@@ -1,0 +1,128 @@
+"""What the `ask` and `chat` commands share: the model and method
+arguments, their early checks, the progress bar and the kept-text view."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+from tqdm.auto import tqdm
+
+from ..engine import Sampling
+from ..methods import METHODS, make_method
+from ..session import SpecSession, check_budget
+
+
+def add_method_args(parser) -> None:
+    parser.add_argument("--method", default="specpc", choices=list(METHODS), help="default: specpc")
+    parser.add_argument("--budget", type=parse_budget, default=1024,
+                        help="tokens kept: a count (1024) or a fraction of the prompt (0.25); default 1024")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="method hyperparameter, e.g. --option window=32 (repeatable)")
+
+
+def add_model_args(parser, max_tokens: int) -> None:
+    parser.add_argument("--draft", default="", help="draft model spec (default: the registry's draft)")
+    parser.add_argument("--target", default=None, help="target model spec (default: the registry's target)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens,
+                        help=f"answer length limit (default {max_tokens})")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to a GPU build (-1: all)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_budget(text: str):
+    """'1024' is a token count, '0.25' a fraction of the prompt."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def parse_option(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option takes KEY=VALUE, not {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def checked_options(args) -> dict:
+    """The method's options, with everything that can be checked without the
+    models checked first (max tokens, budget, method and options)."""
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    check_budget(args.budget)
+    options = dict(parse_option(o) for o in args.option)
+    make_method(args.method, **options)
+    return options
+
+
+def open_session(args, uses_draft: bool = True) -> SpecSession:
+    return SpecSession(draft=args.draft if uses_draft else None, target=args.target, n_threads=args.threads,
+                       n_gpu_layers=args.n_gpu_layers)
+
+
+def sampling(args) -> Sampling:
+    return Sampling(args.temperature, 1.0, args.seed)
+
+
+@contextmanager
+def progress_bar(desc: str):
+    """A tqdm bar fed by progress(done, total) callbacks; closed (its line
+    cleared) on the way out, so whatever is printed next, an error's message
+    included, stands on its own line."""
+    bar = tqdm(unit="tok", desc=desc, leave=False, file=sys.stderr)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    progress.close = bar.close
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
+def print_answer(stream, progress, label=None) -> None:
+    """Print an answer's pieces as they come; the progress bar goes away
+    before the first."""
+    first, pieces = True, iter(stream)
+    try:
+        for piece in pieces:
+            if first:
+                progress.close()
+                if label:
+                    print(label)
+                first = False
+            print(piece, end="", flush=True)
+    finally:
+        pieces.close()  # an interrupted answer gives its contexts back now
+    print()
+
+
+def kept_text(model, result, mark_dropped=None) -> str:
+    """The prompt with kept tokens plain and each dropped run replaced by
+    mark_dropped(n) (default: '[…n]', dimmed on a terminal)."""
+    if mark_dropped is None:
+        dim = sys.stdout.isatty()
+        mark_dropped = (lambda n: f"\x1b[2m[…{n}]\x1b[0m") if dim else (lambda n: f"[…{n}]")
+    kept = set(result.kept.tolist())
+    out, dropped = [], 0
+    for i, tok in enumerate(result.prompt_tokens):
+        if i in kept:
+            if dropped:
+                out.append(mark_dropped(dropped))
+                dropped = 0
+            out.append(model.token_bytes(int(tok)).decode("utf-8", errors="replace"))
+        else:
+            dropped += 1
+    if dropped:
+        out.append(mark_dropped(dropped))
+    return "".join(out)

@@ -1,0 +1,121 @@
+"""A context kept between prompts: the KV of the last prompt, reused up to
+the longest common token prefix with the next one.
+
+A conversation about a document sends the same document and history again
+with every question; the passes prefill only what follows the common
+prefix. The cache records exactly the prompt tokens its sequence 0 holds
+from position 0; what a pass decodes after them (the drafted lookahead, an
+answer) is dropped by the next `take`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+class PrefixCache:
+    """One model's context whose sequence 0 holds the KV of `tokens`.
+
+    Args:
+        model: the model whose context this is.
+        options: context options (threads, batch sizes).
+        n_seq: sequences of the context (2 lets an answer or a saved copy
+            share the cached cells without touching sequence 0).
+        headroom: cells made beyond what a prompt needs when the context is
+            (re)made, so that the next turns of a conversation fit without
+            making it again.
+    """
+
+    def __init__(self, model, options: dict, n_seq: int = 2, headroom: int = 1024):
+        self.model, self.options, self.n_seq, self.headroom = model, options, n_seq, headroom
+        self.context = None
+        self.tokens = np.empty(0, np.int32)
+        self.reused = 0  # tokens the last `take` found cached
+
+    def take(self, tokens: np.ndarray, recompute_last: int, n_ctx: int):
+        """Make sequence 0 hold the longest common prefix of `tokens` and what
+        it holds — but at most len(tokens) - recompute_last tokens, so the
+        last ones are decoded again (their attention rows are captured) — in
+        a context of at least n_ctx cells. Returns the context; the caller
+        prefills tokens[self.reused:] and then calls `hold`."""
+        keep = max(0, min(common_prefix(self.tokens, tokens), len(tokens) - recompute_last))
+        if self.context is not None:
+            self.context.seq_rm(0, keep, -1)
+            for seq in range(1, self.n_seq):
+                self.context.seq_rm(seq, -1, -1)
+        self.tokens, self.reused = self.tokens[:keep], keep
+        if self.context is None or self.context.n_ctx < n_ctx:
+            self._resize(n_ctx + self.headroom)
+        return self.context
+
+    def hold(self, tokens: np.ndarray) -> None:
+        """Sequence 0 now holds the KV of `tokens` (a prefill succeeded)."""
+        self.tokens = np.asarray(tokens, np.int32).copy()
+
+    def forget(self) -> None:
+        """After a failed prefill the cells past the reused prefix are unknown."""
+        if self.context is not None:
+            self.context.seq_rm(0, len(self.tokens), -1)
+
+    def _resize(self, n_ctx: int) -> None:
+        """A context of n_ctx cells holding what this one holds: the state is
+        copied over, nothing is prefilled again."""
+        blob = self.context.state_get(0) if self.context is not None and len(self.tokens) else None
+        if self.context is not None:
+            self.context.close()
+            self.context = None
+        ctx = self.model.context(n_ctx=n_ctx, n_seq_max=self.n_seq, **self.options)
+        if blob is not None:
+            try:
+                ctx.load_state(0, blob)
+            except BaseException:
+                ctx.close()
+                self.tokens = np.empty(0, np.int32)
+                raise
+        self.context = ctx
+
+    def state(self, n_tokens: int) -> bytes:
+        """The state of the first n_tokens cached tokens (a copy shared in
+        sequence 1 is serialized; sequence 0 is untouched)."""
+        if not 0 < n_tokens <= len(self.tokens):
+            raise ValueError(f"the cache holds {len(self.tokens)} tokens, not {n_tokens}")
+        ctx = self.context
+        if n_tokens == ctx.pos_max(0) + 1:
+            return ctx.state_get(0)
+        ctx.seq_cp(0, 1, 0, n_tokens)
+        try:
+            return ctx.state_get(1)
+        finally:
+            ctx.seq_rm(1, -1, -1)
+
+    def load(self, tokens: np.ndarray, blob: bytes, n_ctx: int) -> None:
+        """Hold `tokens` from a saved state instead of prefilling them."""
+        self.close()
+        ctx = self.model.context(n_ctx=max(n_ctx, len(tokens) + 1) + self.headroom, n_seq_max=self.n_seq,
+                                 **self.options)
+        try:
+            ctx.state_set(0, blob)
+            if ctx.pos_max(0) + 1 != len(tokens) or ctx.n_cells(0) != len(tokens):
+                raise ValueError(f"the saved state holds {ctx.n_cells(0)} cells, not the {len(tokens)} tokens "
+                                 "its header names")
+        except BaseException:
+            ctx.close()
+            raise
+        self.context, self.tokens, self.reused = ctx, np.asarray(tokens, np.int32).copy(), 0
+
+    @property
+    def kv_bytes(self) -> int:
+        return 0 if self.context is None else self.context.kv_bytes(0)
+
+    def close(self) -> None:
+        if self.context is not None:
+            self.context.close()
+        self.context, self.tokens = None, np.empty(0, np.int32)
+

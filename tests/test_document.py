@@ -1,0 +1,295 @@
+"""Chat with a document: the draft reads it once, a question reuses the
+cached prefix and selects exactly as a cold `generate` of the same prompt;
+the conversation stays in the prompt; saved states are checked before use;
+PDF and HTML are read as text; the chat command runs end to end."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pyspec_gguf import SpecSession
+from pyspec_gguf.cli import chat
+from pyspec_gguf.cli.main import build_parser
+from pyspec_gguf.sources import read_html, read_source
+from pyspec_gguf.store import FORMAT, StateFileError, read_state, tokens_sha256, write_state
+
+NEEDLE = "The secret code for the vault is 4471."
+QUESTION = "What is the secret code for the vault?"
+
+
+@pytest.fixture(scope="module")
+def text(prose):
+    """About 1,250 tokens of prose with one fact in the middle."""
+    half = " ".join([prose] * 2)
+    return f"{half} {NEEDLE} {half}"
+
+
+@pytest.fixture(scope="module")
+def session(small_path):
+    with SpecSession(draft=str(small_path), target=str(small_path), progress=False) as s:
+        yield s
+
+
+@pytest.fixture
+def docs_dir(tmp_path, monkeypatch):
+    """Saved states go to a scratch cache directory (the models stay where they are)."""
+    monkeypatch.setattr("pyspec_gguf.store.cache_dir", lambda: tmp_path)
+    return tmp_path / "documents"
+
+
+@pytest.fixture(scope="module")
+def doc(session, text):
+    with session.document(text, cache=False) as d:
+        yield d
+
+
+# the prompt side, the cascade, the KV side, and `full` from the target's cache
+CASES = [("specpc", {}), ("speckv_pc", {"pc_budget": 600}), ("speckv", {}), ("full", {})]
+
+
+@pytest.mark.parametrize("method,options", CASES)
+def test_cached_selection_equals_cold(session, doc, method, options):
+    """Two turns: each question's kept set, scores and answer are those of a
+    cold `generate` on the same full prompt, and the passes over the whole
+    prompt prefilled only what followed their cached prefix."""
+    doc.forget()
+    for turn, question in enumerate((QUESTION, "Who kept the ledger?")):
+        messages = doc.messages(question)
+        warm = doc.ask(question, method=method, budget=300, max_tokens=12, **options)
+        cold = session.generate(messages, method=method, budget=300, max_tokens=12,
+                                protect_last=doc.protect_last(question), **options)
+        assert np.array_equal(warm.prompt_tokens, cold.prompt_tokens)
+        assert np.array_equal(warm.kept, cold.kept)
+        if cold.scores is not None:
+            np.testing.assert_allclose(warm.scores, cold.scores, rtol=1e-4, atol=1e-6)
+        assert warm.text == cold.text
+        n = len(warm.prompt_tokens)
+        if method in ("full", "speckv") and turn:
+            assert len(doc.prefix) - 70 <= warm.stats.target_cached < n  # the document was not prefilled again
+        if method != "full":
+            assert len(doc.prefix) - 70 <= warm.stats.draft_cached < n
+    assert doc.turns[0][0] == QUESTION and len(doc.turns) == 2
+
+
+def test_conversation_keeps_its_history(session, doc):
+    doc.forget()
+    first = doc.ask(QUESTION, max_tokens=12)
+    second = doc.ask("Repeat the code.", max_tokens=12)
+    prompt = session.target.detokenize(second.prompt_tokens, special=True)
+    assert first.text.strip() and first.text.strip() in prompt
+    assert prompt.count("Question:") == 2 and prompt.index(QUESTION) < prompt.index("Repeat the code.")
+    # the second question reused the whole first prompt and the answer's text
+    assert second.stats.draft_cached >= len(first.prompt_tokens) - 70
+    assert [q for q, _ in doc.turns] == [QUESTION, "Repeat the code."]
+    doc.forget()
+    assert doc.messages("x") == [{"role": "user", "content": doc.messages("x")[0]["content"]}]
+
+
+def test_an_interrupted_answer_leaves_no_turn_and_a_sound_cache(session, doc):
+    """Ctrl-C during the draft's prefill or during the answer: no turn is
+    added, and the next answer still equals a cold one."""
+    doc.forget()
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        doc.ask(QUESTION, progress=interrupt)
+    stream = doc.ask(QUESTION, method="speckv", budget=300, max_tokens=12, stream=True)
+    pieces = iter(stream)
+    next(pieces)
+    pieces.close()
+    assert doc.turns == []
+    for method in ("specpc", "speckv"):
+        messages = doc.messages(QUESTION)
+        warm = doc.ask(QUESTION, method=method, budget=300, max_tokens=12)
+        cold = session.generate(messages, method=method, budget=300, max_tokens=12,
+                                protect_last=doc.protect_last(QUESTION))
+        assert np.array_equal(warm.kept, cold.kept) and warm.text == cold.text
+        doc.forget()
+
+
+# ---------------------------------------------------------------- on disk
+
+def test_save_and_load(session, text, docs_dir):
+    with session.document(text) as first:
+        assert first.loaded_from is None
+        path = first.save()
+        answer = first.ask(QUESTION, max_tokens=12)
+    assert path.parent == docs_dir and path.stat().st_size > 1000
+    with session.document(text) as again:
+        assert again.loaded_from == path
+        reloaded = again.ask(QUESTION, max_tokens=12)
+    assert np.array_equal(reloaded.kept, answer.kept) and reloaded.text == answer.text
+    with session.document(text, cache=False) as cold:
+        assert cold.loaded_from is None
+
+
+def _flip(path, offset_from_end):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "other model"])  # every check: test_read_state_checks_everything
+def test_a_bad_saved_state_is_refused_and_rebuilt(session, text, docs_dir, damage, caplog):
+    with session.document(text) as first:
+        path = first.save()
+        answer = first.ask(QUESTION, max_tokens=12)
+    if damage == "corrupt":
+        _flip(path, 100)
+    else:
+        write_state(path, first.prefix, path.read_bytes()[-1000:], "0" * 64)
+    with session.document(text) as again:
+        assert again.loaded_from is None  # refused, read again
+        assert np.array_equal(again.ask(QUESTION, max_tokens=12).kept, answer.kept)
+    assert "refusing the saved document state" in caplog.text
+    with session.document(text) as third:  # the refused file was replaced by a good one
+        assert third.loaded_from == path
+
+
+def test_read_state_checks_everything(tmp_path):
+    tokens = np.arange(50, dtype=np.int32)
+    path = tmp_path / "d.psgdoc"
+    write_state(path, tokens, b"state bytes" * 100, "a" * 64, "d.txt")
+    assert read_state(path, tokens, "a" * 64) == b"state bytes" * 100
+    with pytest.raises(StateFileError, match="another draft model"):
+        read_state(path, tokens, "b" * 64)
+    with pytest.raises(StateFileError, match="another document"):
+        read_state(path, tokens + 1, "a" * 64)
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])
+    with pytest.raises(StateFileError, match="truncated"):
+        read_state(path, tokens, "a" * 64)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(StateFileError, match="checksum"):
+        read_state(path, tokens, "a" * 64)
+    path.write_bytes(data[:8] + (FORMAT + 1).to_bytes(4, "little") + data[12:])
+    with pytest.raises(StateFileError, match="format"):
+        read_state(path, tokens, "a" * 64)
+    path.write_bytes(b"xx")
+    with pytest.raises(StateFileError, match="truncated"):
+        read_state(path, tokens, "a" * 64)
+    assert len(tokens_sha256(tokens)) == 64 and not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- sources
+
+def test_pdf_text_comes_back(tmp_path):
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    for page in ("The first page says the budget is 4.2 million euros.", "The second page names Ada Lovelace."):
+        pdf.add_page()
+        pdf.set_font("helvetica", size=12)
+        pdf.multi_cell(0, 8, page)
+    path = tmp_path / "report.pdf"
+    pdf.output(str(path))
+    text, name = read_source(str(path))
+    assert name == "report.pdf"
+    assert "budget is 4.2 million euros" in text and "names Ada Lovelace" in text
+    assert text.index("4.2 million") < text.index("Lovelace")
+
+
+def test_html_visible_text_only(tmp_path):
+    page = ("<html><head><title>T</title><style>p {color: red}</style><script>var secret = 1;</script></head>"
+            "<body><h1>Report</h1><p>The budget is <b>4.2</b> million.</p><ul><li>one</li><li>two</li></ul>"
+            "<table><tr><td>a</td><td>b</td></tr></table></body></html>")
+    path = tmp_path / "page.html"
+    path.write_text(page)
+    text = read_source(path)[0]
+    assert "The budget is 4.2 million." in text and "secret" not in text and "color" not in text
+    assert text.splitlines()[0] == "Report" and "one\ntwo" in text and "a\tb" in text
+    assert read_html("<p>x</p><p>y</p>") == "x\n\ny"
+
+
+@pytest.mark.parametrize("name,content,error,match", [
+    ("missing.txt", None, FileNotFoundError, "no such document"),
+    ("notes.docx", b"PK\x03\x04", ValueError, "unsupported document type '.docx'"),
+    ("empty.md", b"  \n", ValueError, "is empty"),
+    ("broken.pdf", b"%PDF-1.4 nothing", ValueError, "PDF"),
+])
+def test_bad_sources(tmp_path, name, content, error, match):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error, match=match):
+        read_source(path)
+
+
+def test_text_is_text_and_a_path_is_a_path(tmp_path):
+    assert read_source("What a lovely day.")[0] == "What a lovely day."
+    assert read_source("two\nlines.pdf")[0] == "two\nlines.pdf"
+    (tmp_path / "a.txt").write_text("hello")
+    assert read_source(str(tmp_path / "a.txt")) == ("hello", "a.txt")
+
+
+def test_a_document_longer_than_the_trained_context(session, prose):
+    limit = session.target.n_ctx_train
+    assert limit > 0
+    with pytest.raises(ValueError, match=f"more than the {limit:,} that .* was trained for"):
+        session.document(" ".join([prose] * (limit // 100)))
+
+
+def test_empty_question(doc):
+    with pytest.raises(ValueError, match="question is empty"):
+        doc.ask("  ")
+
+
+# ---------------------------------------------------------------- chat command
+
+def test_chat_command_end_to_end(small_path, text, tmp_path):
+    """Questions, commands and bad commands through stdin; Ctrl-D ends it."""
+    (tmp_path / "notes.txt").write_text(text)
+    lines = [QUESTION, "/budget 0", "/budget 300", "/method nope", "/method speckv", "/option window=8",
+             "/option nope=1", "Who kept the ledger?", "/kept", "/save", "/reset", "/help", "/what"]
+    env = {**os.environ, "PYSPEC_GGUF_CACHE": str(tmp_path / "cache")}  # the models are given by path
+    done = subprocess.run([sys.executable, "-m", "pyspec_gguf", "chat", "--doc", str(tmp_path / "notes.txt"),
+                           "--draft", str(small_path), "--target", str(small_path), "--max-tokens", "12"],
+                          input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=900, env=env)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 0, err[-3000:]
+    assert "notes.txt: " in err and "tokens, read in" in err
+    assert err.count("[specpc] prompt") == 1 and err.count("[speckv] prompt") == 1
+    assert "cached: draft" in err
+    assert "budget 0 keeps nothing" in err and "unknown method 'nope'" in err and "nope" in err
+    assert "budget: 300" in out and "method: speckv" in out and "{'window': 8}" in out
+    assert "[…" in out and "saved: " in out and "conversation forgotten" in out and "/kept" in out
+    assert "unknown command /what" in out
+    saved = Path(out.split("saved: ")[1].split()[0])
+    assert saved.is_file() and saved.parent == tmp_path / "cache" / "documents"
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(session, text, monkeypatch, capsys):
+    args = build_parser().parse_args(["chat", "--doc", "x.txt", "--max-tokens", "12", "--budget", "300"])
+    with session.document(text, cache=False) as d:
+        c = chat.Chat(d, args, {})
+        monkeypatch.setattr(chat, "print_answer", _interrupting_print_answer)
+        c.ask(QUESTION)
+        assert "answer stopped" in capsys.readouterr().err and d.turns == []
+        monkeypatch.undo()
+        c.ask(QUESTION)
+        assert len(d.turns) == 1 and "[specpc] prompt" in capsys.readouterr().err
+
+
+def _interrupting_print_answer(stream, progress, label=None):
+    """As the terminal does on Ctrl-C: KeyboardInterrupt after the first piece."""
+    pieces = iter(stream)
+    try:
+        next(pieces)
+        raise KeyboardInterrupt
+    finally:
+        pieces.close()
+
+
+def test_chat_refuses_bad_input_before_loading_a_model(tmp_path, capsys):
+    from pyspec_gguf.cli.main import main
+    (tmp_path / "d.txt").write_text("some text")
+    assert main(["chat", "--doc", str(tmp_path / "d.txt"), "--budget", "0", "--target", "/nonexistent.gguf"]) == 2
+    assert "keeps nothing" in capsys.readouterr().err
+    assert main(["chat", "--doc", str(tmp_path / "nope.txt"), "--target", "/nonexistent.gguf"]) == 2
+    assert "no such document" in capsys.readouterr().err
