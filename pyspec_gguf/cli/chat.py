@@ -97,6 +97,10 @@ def main(args) -> int:
         print(f"{name}: {len(doc.prefix):,} tokens, {how} in {doc.read_seconds:.1f} s. "
               "Ask a question (/help for commands, Ctrl-D to exit).", file=sys.stderr)
         chat = Chat(doc, args, options)
+        try:
+            import readline  # noqa: F401  line editing and history for input(), where the platform has it
+        except ImportError:
+            pass
         while True:
             try:
                 line = input("> ").strip()
