@@ -153,8 +153,9 @@ class Analysis:
 
     def _whole(self, positions: np.ndarray, scores) -> Prepared:
         """The target answers from every token at `positions`: a fresh
-        prefill of them, or, for the whole prompt in a fork, a fork of the
-        prompt's own target pass (the one the KV variants share)."""
+        prefill of them, or, for the whole prompt in a fork or with a target
+        cache, a shared fork of the prompt's own target pass (the one the KV
+        variants share; a cached one holds the earlier turns already)."""
         target = self.session.target
         if (self.fork or self.caches.target is not None) and len(positions) == len(self.tokens):
             needs = _any_needs(self._targets, positions) or next(iter(self._target_plan), None)
