@@ -59,7 +59,8 @@ def main(args) -> None:
     lookaheads = [int(k) for k in args.lookaheads.split(",")]
     models = {"draft": registry.default_model("draft"), "target": registry.default_model("target")}
     with SpecSession(progress=False, n_threads=args.threads) as s:
-        for seed in range(args.samples):
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else range(args.samples)
+        for seed in seeds:
             for name in args.tasks.split(","):
                 methods = variants(lookaheads, args.full)
                 done = _done(out)
@@ -113,6 +114,7 @@ def summary(path: Path, tokens: int) -> str:
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--seeds", help="comma-separated seeds instead of 0..samples-1 (to split a run across processes)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--budgets", default="1024")
     p.add_argument("--lookaheads", default=",".join(map(str, LOOKAHEADS)))
