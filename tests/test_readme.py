@@ -130,6 +130,8 @@ def _run_cli_line(line, tmp_path):
     done = run(line, ROOT, {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     if " ask " in line:
         assert "[specpc] prompt" in done.stderr and "[full] prompt" in done.stderr
+        # the README's main command is a real question whose default answer is right
+        assert "pytest" in done.stdout.split("--- specpc:")[1], done.stdout
 
 
 @pytest.mark.parametrize("line", RUN_FAST)

@@ -23,7 +23,11 @@ class SpecPC(PromptMethod):
     only the kept tokens (positions renumbered).
 
     Args: window=64, kernel=64, neighbours=64, pool="max", reduction="max",
-    lookahead=1, start_layer=8, weighted=True (the paper's Qwen defaults).
+    lookahead=64, start_layer=8, weighted=True. The paper's Qwen defaults
+    but for the lookahead (its 1: the prompt's last queries only): the
+    drafted answer's queries find the facts an answer lists after its first
+    (bench/README.md, "How far SpecPC looks ahead": +0.15 accuracy at 8K
+    tokens, budget 1024, for ≤ 4% of the draft's time).
     """
 
     name: ClassVar[str] = "specpc"
@@ -33,7 +37,7 @@ class SpecPC(PromptMethod):
     neighbours: int = 64
     pool: str = "max"
     reduction: str = "max"
-    lookahead: int = 1
+    lookahead: int = 64
     start_layer: int = 8
     weighted: bool = True
 
