@@ -81,7 +81,7 @@ def test_cascade_is_its_two_stages_composed():
 
 
 def test_needs_merge_only_where_one_pass_serves_both():
-    pc = make_method("specpc").draft_needs()
+    pc = make_method("specpc", lookahead=1).draft_needs()
     kv = make_method("speckv", lookahead=32).draft_needs()
     merged = pc.merge(kv)
     assert merged.lookahead == 32 and merged.window == pc.window
