@@ -34,7 +34,6 @@ from .methods import Method, make_method
 from .passes import Clock, DraftNeeds, draft_pass
 from .pipeline import Caches
 from .prefix import PrefixCache, common_prefix
-from .sources import Source, read_source
 from .store import StateFileError, read_state, state_path, write_state
 
 INSTRUCTION = "Answer the question about the text above."
@@ -70,15 +69,14 @@ def question_protect(model, question: str) -> int:
 class Document:
     """A document read once by the draft, asked many questions.
 
-    Made by `SpecSession.document`. `turns` holds the conversation so far
+    Made by `SpecSession.document` from a source, or from text already
+    read (`sources.read_source`). `turns` holds the conversation so far
     (question, answer); `last` the Result of the last answer.
     """
 
-    def __init__(self, session, source: Source, name: Optional[str] = None,
+    def __init__(self, session, text: str, name: str = "text",
                  progress: Optional[Callable[[int, int], None]] = None, cache: bool = True, read: bool = True):
-        self.session = session
-        self.text, source_name = read_source(source)
-        self.name = name or source_name
+        self.session, self.text, self.name = session, text, name
         self.turns: list[tuple[str, str]] = []
         self.last = None
         self.prefix = self._prefix()

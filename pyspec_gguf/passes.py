@@ -124,13 +124,8 @@ def draft_pass(model, tokens: np.ndarray, needs: DraftNeeds, options: dict, cloc
     if needs.logprobs and cache is not None:
         raise ValueError("per-token log-probabilities come from a fresh prefill, not a cached prefix")
     layers = np.arange(needs.start_layer, model.n_layer)
-    n_ctx = n + needs.lookahead + room
     w = min(needs.window, n)
-    if cache is not None:
-        ctx = cache.take(tokens, max(w, 1), n_ctx)
-    else:
-        ctx = model.context(n_ctx=n_ctx, **options)
-    start = cache.reused if cache is not None else 0
+    ctx, start = _open(model, tokens, n + needs.lookahead + room, options, cache, recompute=max(w, 1))
     try:
         rows = logprobs = None
         with clock.stage("draft_prefill"):
@@ -148,15 +143,31 @@ def draft_pass(model, tokens: np.ndarray, needs: DraftNeeds, options: dict, cloc
             drafted, steps = greedy_lookahead(ctx, model, needs.lookahead,
                                               layers if needs.step_rows else None, needs.reduction, n_keys=n)
     except BaseException:
-        if cache is not None:
-            cache.forget()
-        else:
-            ctx.close()
+        _abandon(ctx, cache)
         raise
     if not room and cache is None:
         ctx.close()
         ctx = None
     return DraftPass(needs, rows, drafted, steps, logprobs, ctx)
+
+
+def _open(model, tokens: np.ndarray, n_ctx: int, options: dict, cache: Optional[PrefixCache], recompute: int,
+          n_seq: int = 1):
+    """A pass's context and where its prefill starts: a fresh context of
+    n_ctx cells from 0, or the cache's, after the prefix it holds (all but
+    the last `recompute` tokens at most)."""
+    if cache is None:
+        return model.context(n_ctx=n_ctx, n_seq_max=n_seq, **options), 0
+    return cache.take(tokens, recompute, n_ctx), cache.reused
+
+
+def _abandon(ctx, cache: Optional[PrefixCache]) -> None:
+    """After a failed pass: a fresh context is closed, a cache forgets what
+    the pass decoded."""
+    if cache is not None:
+        cache.forget()
+    else:
+        ctx.close()
 
 
 def _offset(progress: Optional[Callable], start: int, n: int) -> Optional[Callable]:
@@ -247,13 +258,8 @@ def target_pass(model, tokens: np.ndarray, needs: TargetNeeds, lookahead: np.nda
     only the tokens after the prefix it holds are prefilled."""
     n = len(tokens)
     lookahead = np.asarray(lookahead if needs.captures else [], np.int32)
-    n_ctx = n + len(lookahead) + room
     w = min(needs.window + 1, n) if needs.captures else 1
-    if cache is not None:
-        ctx = cache.take(tokens, w, n_ctx)
-    else:
-        ctx = model.context(n_ctx=n_ctx, n_seq_max=n_seq, **options)
-    start = cache.reused if cache is not None else 0
+    ctx, start = _open(model, tokens, n + len(lookahead) + room, options, cache, recompute=w, n_seq=n_seq)
     rest, progress = tokens[start:], _offset(progress, start, n)
     tp = TargetPass(tokens, ctx, needs, cached=cache is not None)
     try:
@@ -277,10 +283,7 @@ def target_pass(model, tokens: np.ndarray, needs: TargetNeeds, lookahead: np.nda
         if cache is not None:
             cache.hold(tokens[: n - 1])
     except BaseException:
-        if cache is not None:
-            cache.forget()
-        else:
-            ctx.close()
+        _abandon(ctx, cache)
         raise
     return tp
 

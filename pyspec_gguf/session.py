@@ -164,7 +164,9 @@ class SpecSession:
         each question then costs the draft only its new tokens. See
         `pyspec_gguf.document`."""
         from .document import Document
-        return Document(self, source, name=name, progress=progress, cache=cache, read=read)
+        from .sources import read_source
+        text, source_name = read_source(source)
+        return Document(self, text, name=name or source_name, progress=progress, cache=cache, read=read)
 
     def stream(self, prompt: Prompt, method: Union[str, Method], budget, max_tokens: int, sampling: Sampling,
                protect_last: int, progress, method_options: dict, caches=None) -> "Stream":

@@ -12,6 +12,7 @@ session; Ctrl-D exits.
 import sys
 from pathlib import Path
 
+from ..document import Document
 from ..methods import METHODS, make_method
 from ..session import check_budget
 from ..sources import read_source
@@ -89,10 +90,10 @@ class Chat:
 
 def main(args) -> int:
     options = checked_options(args)
-    text, name = read_source(Path(args.doc))
+    text, name = read_source(Path(args.doc))  # read once, and checked before any model loads
     with open_session(args, uses_draft=True) as session:
         with progress_bar("reading the document") as progress:
-            doc = session.document(text, name=name, progress=progress, cache=not args.no_saved)
+            doc = Document(session, text, name, progress=progress, cache=not args.no_saved)
         how = f"loaded from {doc.loaded_from}" if doc.loaded_from else "read"
         print(f"{name}: {len(doc.prefix):,} tokens, {how} in {doc.read_seconds:.1f} s. "
               "Ask a question (/help for commands, Ctrl-D to exit).", file=sys.stderr)
