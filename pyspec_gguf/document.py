@@ -125,7 +125,7 @@ class Document:
         """Methods that read the whole prompt on the target (`full` and the
         KV methods) keep the target's KV of the document between questions;
         the prompt-side methods never make it."""
-        if method.prompt_stage is not None or method.answers_with_draft:
+        if not method.target_reads_prompt:
             return None
         if self._target is None:
             self._target = PrefixCache(self.session.target, self.session.context_options, n_seq=2)

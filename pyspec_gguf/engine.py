@@ -24,6 +24,10 @@ Messages = Sequence[dict]
 Progress = Callable[[int, int], None]
 
 
+class PromptTooLong(ValueError):
+    """A prompt longer than a model's trained context."""
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
@@ -101,7 +105,7 @@ class Model:
         answers degrade silently (llama.cpp only logs a warning)."""
         limit = self.n_ctx_train
         if limit and n_tokens > limit:
-            raise ValueError(f"{what} needs {n_tokens:,} tokens, more than the {limit:,} that {self.name} was "
+            raise PromptTooLong(f"{what} needs {n_tokens:,} tokens, more than the {limit:,} that {self.name} was "
                              "trained for; use a shorter document or a model with a longer context")
 
     @property
@@ -150,8 +154,10 @@ class Model:
     def is_control(self, token: int) -> bool:
         return self._native.is_control(int(token))
 
-    def token_bytes(self, token: int) -> bytes:
-        return self._native.token_bytes(int(token))
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token stands for; special: control tokens as their
+        text (e.g. "<|im_start|>") rather than nothing."""
+        return self._native.token_bytes(int(token), special)
 
     def vocab_fingerprint(self) -> int:
         return self._native.vocab_fingerprint()

@@ -117,23 +117,28 @@ class Analysis:
     def prepare(self, method: Method, budget: int) -> Prepared:
         """Run `method`'s stages at `budget` tokens; return the context to
         sample the answer from."""
-        n = len(self.tokens)
         if method.answers_with_draft:
             return self._draft_answer()
-        positions = np.arange(n, dtype=np.int32)
-        protected, scores = self.protected, None
-        prompt, kv = method.prompt_stage, method.kv_stage
-        pc_budget = method.prompt_budget(budget)
-        if prompt is not None and n > pc_budget:
-            needs = prompt.draft_needs()
-            draft = self.draft(method.draft_needs()) if needs is not None else None
-            with self.clock.stage("scoring"):
-                scores = prompt.score(draft, n)
-                positions = prompt.select(scores, pc_budget, protected)
-            protected = np.flatnonzero(np.isin(positions, protected))
+        positions, scores = self.select_prompt(method, budget)
+        kv = method.kv_stage
         if kv is None or len(positions) <= budget:
             return self._whole(positions, scores)
+        protected = np.flatnonzero(np.isin(positions, self.protected))
         return self._kv_stage(kv, budget, positions, protected)
+
+    def select_prompt(self, method: Method, budget: int) -> tuple:
+        """The prompt positions `method`'s prompt stage keeps for a final
+        `budget` (every position when it has none, or the prompt fits), and
+        its scores (None then): what the target will see."""
+        n = len(self.tokens)
+        prompt, pc_budget = method.prompt_stage, method.prompt_budget(budget)
+        if prompt is None or n <= pc_budget:
+            return np.arange(n, dtype=np.int32), None
+        needs = prompt.draft_needs()
+        draft = self.draft(method.draft_needs()) if needs is not None else None
+        with self.clock.stage("scoring"):
+            scores = prompt.score(draft, n)
+            return prompt.select(scores, pc_budget, self.protected), scores
 
     def _draft_answer(self) -> Prepared:
         """The draft answers alone, from its own pass's context."""

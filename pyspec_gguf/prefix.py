@@ -10,6 +10,9 @@ answer) is dropped by the next `take`.
 
 from __future__ import annotations
 
+import threading
+from typing import Optional
+
 import numpy as np
 
 
@@ -119,3 +122,56 @@ class PrefixCache:
             self.context.close()
         self.context, self.tokens = None, np.empty(0, np.int32)
 
+
+
+class PrefixPool:
+    """Up to `slots` prefix caches of one model, for prompts from different
+    conversations (a server's requests), shared by threads. A prompt takes
+    the free cache holding its longest common prefix, provided that keeps
+    at least half of what the cache holds; otherwise a new cache while there
+    are fewer than `slots`, else the least recently used free one. A taken
+    cache is the taker's until `give_back`; with every cache taken, `take`
+    returns None (the prompt runs uncached)."""
+
+    def __init__(self, model, options: dict, slots: int, n_seq: int = 2):
+        if slots < 1:
+            raise ValueError(f"a prefix pool needs at least one slot, not {slots}")
+        self.model, self.options, self.slots, self.n_seq = model, options, slots, n_seq
+        self._caches: list[PrefixCache] = []  # least recently used first
+        self._taken: set = set()
+        self._lock = threading.Lock()
+
+    def take(self, tokens: np.ndarray) -> Optional[PrefixCache]:
+        with self._lock:
+            free = [c for c in self._caches if id(c) not in self._taken]
+            best, shared = None, 0
+            for cache in free:
+                n = common_prefix(cache.tokens, tokens)
+                if n > shared and 2 * n >= len(cache.tokens):
+                    best, shared = cache, n
+            if best is None:
+                if len(self._caches) < self.slots:
+                    best = PrefixCache(self.model, self.options, self.n_seq)
+                elif free:
+                    best = free[0]
+                else:
+                    return None
+            if best in self._caches:
+                self._caches.remove(best)
+            self._caches.append(best)
+            self._taken.add(id(best))
+            return best
+
+    def give_back(self, cache: Optional[PrefixCache]) -> None:
+        if cache is not None:
+            with self._lock:
+                self._taken.discard(id(cache))
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(c.kv_bytes for c in self._caches)
+
+    def close(self) -> None:
+        for cache in self._caches:
+            cache.close()
+        self._caches.clear()

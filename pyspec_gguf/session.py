@@ -22,6 +22,7 @@ from .passes import STAGES
 from .pipeline import Analysis
 
 if TYPE_CHECKING:
+    from .compress import Compressed
     from .document import Document
 
 # text, chat messages, or token ids already made (a numpy array of ints)
@@ -65,6 +66,7 @@ class Result:
                                    # (per-head eviction: [layer, kv_head, token])
     prompt_tokens: np.ndarray
     kept_per_head: Optional[np.ndarray] = None  # [layer, kv_head, C] prompt positions, per-head eviction only
+    finish_reason: str = "stop"    # "stop" (end of turn or a stop string) or "length" (max_tokens reached)
 
     def to_dict(self) -> dict:
         """Plain JSON types: text, tokens, stats, kept positions and prompt
@@ -72,7 +74,8 @@ class Result:
         stats = {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(self.stats).items()}
         return {"text": self.text, "tokens": [int(t) for t in self.tokens], "stats": stats,
                 "kept": self.kept.tolist(), "prompt_tokens": self.prompt_tokens.tolist(),
-                "kept_per_head": None if self.kept_per_head is None else self.kept_per_head.tolist()}
+                "kept_per_head": None if self.kept_per_head is None else self.kept_per_head.tolist(),
+                "finish_reason": self.finish_reason}
 
 
 def peak_rss() -> int:
@@ -169,14 +172,39 @@ class SpecSession:
         return Document(self, text, name=name or source_name, progress=progress, cache=cache, read=read)
 
     def stream(self, prompt: Prompt, method: Union[str, Method], budget, max_tokens: int, sampling: Sampling,
-               protect_last: int, progress, method_options: dict, caches=None) -> "Stream":
-        """A validated call, not yet run: what `generate` and a document's
-        questions go through."""
+               protect_last: int, progress, method_options: dict, caches=None,
+               stop: Sequence[str] = ()) -> "Stream":
+        """A validated call, not yet run: what `generate`, a document's
+        questions and the server go through. The answer ends before the
+        first of the `stop` strings."""
+        call = self._call(prompt, method, budget, protect_last, method_options, max_tokens)
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError("stop strings must be non-empty strings")
+        return Stream(self, call.method, call.tokens, call.budget, max_tokens, sampling, call.protected, progress,
+                      caches, stop)
+
+    def compress(self, prompt: Union[str, Sequence[dict]], budget: Union[int, float] = 1024,
+                 method: Union[str, Method] = "specpc", protect_last: int = 0, marker: str = " …",
+                 progress: Optional[Callable[[int, int], None]] = None, **method_options) -> "Compressed":
+        """The text of the prompt tokens `method` keeps, for any engine to
+        answer from: text for text, chat messages for messages (each
+        message's content shortened, the roles and order kept), with
+        `marker` where tokens were dropped ("" to join the kept runs).
+        `method` must select prompt tokens (specpc, specprefill, selfinfo,
+        headtail). See `pyspec_gguf.compress`."""
+        from .compress import compress
+        call = self._call(prompt, method, budget, protect_last, method_options)
+        return compress(self, prompt, call, marker, progress)
+
+    def _call(self, prompt: Prompt, method: Union[str, Method], budget, protect_last: int, method_options: dict,
+              max_tokens: int = 0) -> "Call":
+        """Validate a call's arguments and tokenize its prompt."""
         if isinstance(method, str):
             method = make_method(method, **method_options)
         elif method_options:
             raise ValueError("method options go with a method name, not a method object")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        if max_tokens and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer, not {max_tokens!r}")
         if method.uses_draft and self.draft is None:
             raise ValueError(f"{method.name} needs a draft model; this session has none")
@@ -187,13 +215,14 @@ class SpecSession:
             raise ValueError(f"protect_last must be an integer >= 0, not {protect_last!r}")
         protect_last = max(protect_last, self.template_tail(prompt, tokens))
         protected = self.protected_positions(tokens, protect_last)
-        if len(protected) >= n_budget and len(tokens) > n_budget:
+        if method.stage != "none" and len(protected) >= n_budget and len(tokens) > n_budget:
             raise ValueError(f"budget {n_budget} leaves no room beyond the {len(protected)} protected tokens "
                              "(chat template control tokens and protect_last)")
-        return Stream(self, method, tokens, n_budget, max_tokens, sampling, protected, progress, caches)
+        return Call(method, tokens, n_budget, protected)
 
     def check_fits(self, n_prompt: int, max_tokens: int, method: Optional[Method] = None) -> None:
-        """A prompt and its answer within what the models were trained for."""
+        """A prompt and its answer within what the models were trained for
+        (else `PromptTooLong`, a ValueError)."""
         self.target.check_fits(n_prompt + max_tokens, f"the prompt ({n_prompt:,} tokens) with its answer")
         if self.draft is not None and (method is None or method.uses_draft):
             self.draft.check_fits(n_prompt, f"the prompt ({n_prompt:,} tokens)")
@@ -220,6 +249,21 @@ class SpecSession:
         return np.union1d(control, tail).astype(np.int64)
 
 
+class Cancelled(Exception):
+    """The caller cancelled an answer (`Stream.cancel`)."""
+
+
+@dataclass
+class Call:
+    """A validated call: the method, the prompt's tokens, the budget in
+    tokens and the positions always kept."""
+
+    method: Method
+    tokens: np.ndarray
+    budget: int
+    protected: np.ndarray
+
+
 def check_budget(budget) -> None:
     """A budget is a token count (an int >= 1) or a fraction of the prompt
     (a float in (0, 1)); anything else is refused before any model loads."""
@@ -243,15 +287,39 @@ def resolve_budget(budget, n_prompt: int) -> int:
 class Stream:
     """Text pieces of the answer as they are generated; `.result` after.
     The passes run on the first step of the iteration. `on_result` is called
-    with the Result of an answer that ran to its end."""
+    with the Result of an answer that ran to its end. `cancel` (from any
+    thread) ends the passes or the decoding at their next step with
+    `Cancelled`, and gives back every context the answer made."""
 
     def __init__(self, session: "SpecSession", method: Method, tokens: np.ndarray, budget: int, max_tokens: int,
-                 sampling: Sampling, protected: np.ndarray, progress, caches=None):
+                 sampling: Sampling, protected: np.ndarray, progress, caches=None, stop: Sequence[str] = ()):
         self._session, self._method, self._tokens = session, method, tokens
         self._budget, self._max_tokens, self._sampling = budget, max_tokens, sampling
         self._protected, self._progress, self._caches = protected, progress, caches
+        self._stop = list(stop)
+        self._cancelled = False
         self.result: Optional[Result] = None
         self.on_result: Optional[Callable[[Result], None]] = None
+
+    @property
+    def method(self) -> Method:
+        return self._method
+
+    @property
+    def prompt_tokens(self) -> np.ndarray:
+        return self._tokens
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def _check(self) -> None:
+        if self._cancelled:
+            raise Cancelled("the answer was cancelled")
+
+    def _checked_progress(self, done: int, total: int) -> None:
+        self._check()
+        if self._progress is not None:
+            self._progress(done, total)
 
     def run(self) -> Result:
         """The whole answer at once."""
@@ -261,8 +329,9 @@ class Stream:
 
     def __iter__(self) -> Iterator[str]:
         t0 = time.perf_counter()
+        self._check()
         analysis = Analysis(self._session, self._tokens, self._protected, self._max_tokens, [self._method],
-                            progress=self._progress, caches=self._caches)
+                            progress=self._checked_progress, caches=self._caches)
         prepared = None
         try:
             prepared = analysis.prepare(self._method, self._budget)
@@ -272,13 +341,26 @@ class Stream:
             def counted():
                 nonlocal first
                 for tok in answer.context.generate(self._max_tokens, self._sampling, seq=answer.seq):
+                    self._check()
                     if first is None:
                         first = time.perf_counter()
                     tokens.append(tok)
                     yield tok
 
             t_dec = time.perf_counter()
-            yield from iter_text(model, counted())
+            stops = StopScanner(self._stop)
+            text = []
+            for piece in iter_text(model, counted()):
+                piece = stops.feed(piece)
+                if piece:
+                    text.append(piece)
+                    yield piece
+                if stops.stopped:
+                    break
+            tail = stops.flush()
+            if tail:
+                text.append(tail)
+                yield tail
             t_end = time.perf_counter()
             times = analysis.clock.times
             times["decode"] = t_end - t_dec
@@ -292,12 +374,40 @@ class Stream:
                           peak_rss_bytes=peak_rss(),
                           draft_cached=caches.draft.reused if caches.draft and analysis.used_draft_cache else 0,
                           target_cached=caches.target.reused if caches.target and analysis.used_target_cache else 0)
-            self.result = Result(text=model.detokenize(tokens), tokens=tokens, stats=stats, kept=prepared.kept,
+            ran_out = len(tokens) == self._max_tokens and not stops.stopped
+            self.result = Result(text="".join(text), tokens=tokens, stats=stats, kept=prepared.kept,
                                  scores=prepared.scores, prompt_tokens=self._tokens,
-                                 kept_per_head=prepared.kept_per_head)
+                                 kept_per_head=prepared.kept_per_head,
+                                 finish_reason="length" if ran_out else "stop")
         finally:
             if prepared is not None:
                 prepared.answer.close()
             analysis.close()
         if self.on_result is not None:
             self.on_result(self.result)
+
+
+class StopScanner:
+    """Cuts a stream of text at the first of its stop strings: `feed` gives
+    back what is safe to show (holding back a tail that may begin a stop
+    string), `flush` the held tail once the stream ends without one."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop, self.stopped, self._held = list(stop), False, ""
+
+    def feed(self, piece: str) -> str:
+        if not self.stop or self.stopped:
+            return "" if self.stopped else piece
+        text = self._held + piece
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.stopped, self._held = True, ""
+            return text[: min(cuts)]
+        hold = max((k for s in self.stop for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
+        self._held = text[len(text) - hold:] if hold else ""
+        return text[: len(text) - hold]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.stopped else held

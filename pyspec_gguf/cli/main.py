@@ -4,9 +4,9 @@ import argparse
 import logging
 import sys
 
-from . import ask, bench, chat, models
+from . import ask, bench, chat, compress, models, serve
 
-COMMANDS = {"ask": ask, "chat": chat, "models": models, "bench": bench}
+COMMANDS = {"ask": ask, "chat": chat, "compress": compress, "serve": serve, "models": models, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,12 @@ class Method:
     def kv_stage(self) -> Optional["KVMethod"]:
         return None
 
+    @property
+    def target_reads_prompt(self) -> bool:
+        """The target prefills the whole prompt (`full` and the KV methods),
+        so a prefix cache of its KV pays; prompt methods never make it."""
+        return self.prompt_stage is None and not self.answers_with_draft
+
     def prompt_budget(self, budget: int) -> int:
         """Tokens the prompt stage keeps, for a final budget."""
         return budget

@@ -1,0 +1,165 @@
+"""The HTTP endpoints: OpenAI's chat completions, completions and models,
+the project's compress, and health.
+
+A handler checks the request (a 4xx before anything is queued), submits a
+job to the worker pool (503 with Retry-After when the queue is full), waits
+for the job to be checked by its worker (its errors are still a 4xx), then
+answers at once or streams server-sent events. A client that goes away
+cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from typing import Callable, Optional
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
+
+from ..session import Cancelled
+from . import jobs, protocol
+from .protocol import RequestError, error_from
+from .workers import Job, QueueFull, WorkerPool
+
+RETRY_AFTER_S = 5
+
+
+def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Optional[str] = None) -> FastAPI:
+    """The server's app over a started worker pool; the pool is closed when
+    the app shuts down."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        pool.close(timeout=5)
+
+    app = FastAPI(title="pyspec-gguf", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.pool, app.state.policy, app.state.model_id = pool, policy, model_id
+
+    @app.middleware("http")
+    async def _check_key(request: HttpRequest, call_next):
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(RequestError("a valid API key is needed (Authorization: Bearer ...)", status=401,
+                                           code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.exception_handler(RequestError)
+    async def _refused(request, e: RequestError):
+        return _error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e: HTTPException):  # unknown paths and methods, in OpenAI's shape
+        return _error(RequestError(str(e.detail), status=e.status_code))
+
+    @app.get("/health")
+    async def health():
+        c = pool.counts
+        return {"status": "ok", "workers": len(pool.workers), "running": c.running, "waiting": pool.waiting,
+                "served": c.served, "failed": c.failed, "cancelled": c.cancelled, "rejected": c.rejected}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(time.time()),
+                                            "owned_by": "pyspec-gguf"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HttpRequest):
+        req = protocol.chat_request(await _body(request), model_id)
+        return await _generate(request, req, protocol.chat_response)
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        req = protocol.completion_request(await _body(request), model_id)
+        return await _generate(request, req, protocol.completion_response)
+
+    @app.post("/v1/compress")
+    async def compress(request: HttpRequest):
+        req = protocol.compress_request(await _body(request), model_id)
+        job = _submit(jobs.compress(req, policy))
+        kind, value = await _wait(request, job)
+        return protocol.compress_response(value, model_id, job.queued_s)
+
+    async def _generate(request: HttpRequest, req: protocol.Request, respond: Callable):
+        job = _submit(jobs.answer(req, policy))
+        kind, value = await _wait(request, job, until=("ready",))
+        if req.stream:
+            return EventSourceResponse(_events(job, req), ping=10)
+        kind, result = await _wait(request, job)
+        return respond(req, result, model_id, job.queued_s)
+
+    async def _events(job: Job, req: protocol.Request):
+        chunks = protocol.Chunks(req, model_id)
+        try:
+            first = chunks.first()
+            if first is not None:
+                yield _sse(first)
+            while True:
+                kind, value = await job.next()
+                if kind == "text":
+                    yield _sse(chunks.text(value))
+                elif kind == "done":
+                    for chunk in chunks.last(value, job.queued_s):
+                        yield _sse(chunk)
+                    yield {"data": "[DONE]"}
+                    return
+                else:  # failed after the stream began: an error event ends it
+                    yield _sse(error_from(value).body())
+                    return
+        finally:
+            job.cancel()  # a no-op once done; else the client went away
+
+    def _submit(work) -> Job:
+        try:
+            return pool.submit(Job(work, asyncio.get_running_loop()))
+        except QueueFull as e:
+            raise RequestError(str(e), status=503, code="server_busy", kind="server_error") from None
+
+    return app
+
+
+async def _body(request: HttpRequest) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"the body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    return body
+
+
+async def _wait(request: HttpRequest, job: Job, until=("done",)) -> tuple:
+    """The job's next event of a kind in `until`; its error raised as a
+    RequestError; the job cancelled if the client goes away meanwhile."""
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(job.next(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                raise RequestError("the client went away", status=499) from None
+            continue
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        if kind == "error":
+            if isinstance(value, Cancelled):
+                raise RequestError("the request was cancelled", status=499)
+            raise error_from(value)
+        if kind in until:
+            return kind, value
+
+
+def _sse(payload: dict) -> dict:
+    return {"data": json.dumps(payload, ensure_ascii=False)}
+
+
+def _error(e: RequestError) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)

@@ -1,0 +1,81 @@
+"""What a worker does for a request: answer it, or compress its prompt,
+through the same `SpecSession` calls as the Python API, with the worker's
+prefix caches and the server's default policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from ..methods import make_method
+from ..session import Cancelled
+from .protocol import Request
+
+
+@dataclass
+class Policy:
+    """The server's defaults: `method` at `budget` for prompts of at least
+    `min_prompt_tokens` tokens (shorter ones go through `full`, where
+    compression saves little), `max_tokens` for a request that names none."""
+
+    method: str = "specpc"
+    budget: Union[int, float] = 0.25
+    method_options: dict = field(default_factory=dict)
+    min_prompt_tokens: int = 2048
+    max_tokens: int = 512
+
+    def __post_init__(self):
+        make_method(self.method, **self.method_options)  # a bad default fails at start, not per request
+
+    def choose(self, req: Request, n_prompt: int) -> tuple:
+        """(method name, its options, budget) for a request."""
+        budget = self.budget if req.budget is None else req.budget
+        if req.method is not None:
+            return req.method, req.method_options, budget
+        if n_prompt < self.min_prompt_tokens:
+            return "full", {}, budget
+        return self.method, self.method_options, budget
+
+
+def answer(req: Request, policy: Policy):
+    """The job answering a chat or completion request: events "ready" (the
+    call checked, about to run), "text" pieces, "done" with the Result."""
+
+    def work(worker, job) -> None:
+        session = worker.session
+        tokens = session.tokenize(req.prompt)
+        name, options, budget = policy.choose(req, len(tokens))
+        method = make_method(name, **options)
+        stream = session.stream(req.prompt, method, budget, req.max_tokens or policy.max_tokens, req.sampling,
+                                req.protect_last, None, {}, worker.caches(tokens, method), req.stop)
+        job.attach(stream)
+        job.post("ready")
+        for piece in stream:
+            job.post("text", piece)
+        job.post("done", stream.result)
+
+    return work
+
+
+def compress(req: Request, policy: Policy):
+    """The job compressing a prompt: one "done" event with the Compressed."""
+
+    def work(worker, job) -> None:
+        default = make_method(policy.method, **policy.method_options)
+        if req.method is not None:
+            name, options = req.method, req.method_options
+        elif default.prompt_stage is not None and default.kv_stage is None:
+            name, options = policy.method, policy.method_options
+        else:  # the default drops KV entries, which have no text
+            name, options = "specpc", {}
+        budget = policy.budget if req.budget is None else req.budget
+
+        def progress(done, total):
+            if job.cancelled.is_set():
+                raise Cancelled("the compression was cancelled")
+
+        compressed = worker.session.compress(req.prompt, budget, name, req.protect_last, req.marker, progress,
+                                             **options)
+        job.post("done", compressed)
+
+    return work

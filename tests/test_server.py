@@ -1,0 +1,356 @@
+"""The OpenAI-compatible server, through the official `openai` client
+against `pyspec-gguf serve` on 127.0.0.1 (SmolLM2 as draft and target):
+answers equal `SpecSession.generate`'s, a conversation's second request
+reuses the draft's prefix, a client that leaves cancels its answer, bad
+requests get 4xx error bodies, a full queue 503, and 16 clients x 4
+requests are all answered, each as it is when asked alone."""
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from pyspec_gguf import SpecSession  # noqa: E402
+
+NEEDLE = "The secret code for the vault is 4471."
+MAX_TOKENS = 12
+BUDGET = 0.5
+POLICY = ["--method", "specpc", "--budget", str(BUDGET), "--min-prompt-tokens", "300"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, *args: str):
+    """`pyspec-gguf serve` in its own process; (process, base URL) once healthy."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pyspec_gguf", "serve", "--draft", model, "--target", model, "--port", str(port),
+           "--max-tokens", str(MAX_TOKENS), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return proc, url
+        except urllib.error.HTTPError:  # up, and asking for its key
+            return proc, url
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the server did not start in 120 s")
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the server did not stop within 20 s of SIGTERM")
+
+
+def health(url: str, key: str = None) -> dict:
+    req = urllib.request.Request(url + "/health", headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def raw_post(url: str, path: str, body: bytes, headers=None):
+    """(status, headers, JSON body) of a POST, errors included."""
+    req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(small_path):
+    proc, url = start_server(str(small_path), *POLICY, "--workers", "2", "--cache-slots", "4")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def session(small_path):
+    with SpecSession(draft=str(small_path), target=str(small_path), progress=False) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    (model,) = client.models.list().data
+    return model.id
+
+
+def document(prose: str, variant: int = 0) -> str:
+    """About 450 tokens of prose with a fact in the middle (a different
+    opening per variant, so prompts differ from their start)."""
+    return f"Report {variant}. {prose} {NEEDLE} {prose}"
+
+
+def ask(prose: str, question: str, variant: int = 0) -> list:
+    return [{"role": "user", "content": f"{document(prose, variant)}\n\nQuestion: {question}"}]
+
+
+def chat(client, model_id, messages, stream=False, **extra):
+    """(text, the pyspec stats, finish reason, usage) of one chat request."""
+    if not stream:
+        r = client.chat.completions.create(model=model_id, messages=messages, extra_body=extra or None)
+        return r.choices[0].message.content, r.model_extra["pyspec"], r.choices[0].finish_reason, r.usage
+    pieces, stats, finish, usage = [], None, None, None
+    for chunk in client.chat.completions.create(model=model_id, messages=messages, stream=True,
+                                                stream_options={"include_usage": True}, extra_body=extra or None):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+            stats = (chunk.model_extra or {}).get("pyspec") or stats
+        if chunk.usage:
+            usage = chunk.usage
+    return "".join(pieces), stats, finish, usage
+
+
+# ------------------------------------------------------------------ answers
+
+@pytest.mark.parametrize("method", ["specpc", "speckv", "full"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_equals_generate(client, model_id, session, prose, method, stream):
+    messages = ask(prose, "What is the secret code for the vault?")
+    text, stats, finish, usage = chat(client, model_id, messages, stream, method=method, budget=BUDGET)
+    expected = session.generate(messages, method=method, budget=BUDGET, max_tokens=MAX_TOKENS)
+    assert text == expected.text and text
+    assert stats["method"] == method
+    assert stats["kept_tokens"] == expected.stats.kept_tokens
+    assert usage.prompt_tokens == len(expected.prompt_tokens)
+    assert usage.completion_tokens == expected.stats.generated_tokens
+    assert finish == expected.finish_reason
+
+
+def test_completions_equal_generate(client, model_id, session, prose):
+    prompt = document(prose, 7) + "\nThe secret code is"
+    expected = session.generate(prompt, method="specpc", budget=BUDGET, max_tokens=MAX_TOKENS)
+    r = client.completions.create(model=model_id, prompt=prompt, extra_body={"budget": BUDGET})
+    assert r.choices[0].text == expected.text
+    assert r.model_extra["pyspec"]["method"] == "specpc"  # the policy: a long prompt
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model_id, prompt=prompt, stream=True, extra_body={"budget": BUDGET}) if c.choices)
+    assert streamed == expected.text
+
+
+def test_policy_sends_short_prompts_through_full(client, model_id, prose):
+    _, stats, _, _ = chat(client, model_id, [{"role": "user", "content": "Name a colour."}])
+    assert stats["method"] == "full"
+    _, stats, _, _ = chat(client, model_id, ask(prose, "Who kept the ledger?"))
+    assert stats["method"] == "specpc" and stats["prompt_tokens"] >= 300
+
+
+def test_second_request_reuses_the_draft_prefix(client, model_id, session, prose):
+    first = ask(prose, "What is the secret code for the vault?", variant=3)
+    answer, stats1, _, _ = chat(client, model_id, first, method="specpc", budget=BUDGET)
+    assert stats1["draft_cached"] < stats1["prompt_tokens"] // 2  # a new document
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Who kept the ledger?"}]
+    text, stats2, _, _ = chat(client, model_id, second, method="specpc", budget=BUDGET)
+    # the draft prefilled only what followed the first prompt (and its recomputed window)
+    assert stats2["draft_cached"] >= stats1["prompt_tokens"] - 80
+    assert text == session.generate(second, method="specpc", budget=BUDGET, max_tokens=MAX_TOKENS).text
+
+
+def test_stop_strings_and_seeded_sampling(client, model_id, prose):
+    messages = ask(prose, "Describe the mill.")
+    full, _, _, _ = chat(client, model_id, messages, method="full")
+    words = full.split()
+    assert len(words) >= 4, full
+    stop = " " + words[2]
+    cut = full[: full.index(stop)]
+    for stream in (False, True):
+        r = client.chat.completions.create(model=model_id, messages=messages, stop=[stop], stream=stream,
+                                           extra_body={"method": "full"})
+        if stream:
+            chunks = list(r)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        assert (text, finish) == (cut, "stop")
+    sampled = [chat(client, model_id, messages, method="full", temperature=1.0, seed=s)[0] for s in (11, 11)]
+    assert sampled[0] == sampled[1]
+
+
+# ------------------------------------------------------------------ compress
+
+def test_compress_endpoint_equals_session(server, model_id, session, prose):
+    question = "What is the secret code for the vault?"
+    messages = ask(prose, question)
+    body = {"model": model_id, "messages": messages, "budget": 150, "protect_last": 16}
+    status, _, body = raw_post(server, "/v1/compress", json.dumps(body).encode())
+    assert status == 200, body
+    expected = session.compress(messages, budget=150, protect_last=16)
+    assert body["messages"] == expected.messages
+    assert body["usage"]["kept_tokens"] == expected.kept_tokens == 150
+    content, original = body["messages"][0]["content"], messages[0]["content"]
+    assert content.endswith(question) and len(content) < len(original) / 3
+    runs = [r for r in content.split(" …") if r]
+    assert len(runs) > 1 and all(r in original for r in runs)  # kept text, in order, marked where cut
+    status, _, body = raw_post(server, "/v1/compress", json.dumps({"messages": messages, "method": "speckv"}).encode())
+    assert status == 400 and "prompt method" in body["error"]["message"]
+
+
+# ------------------------------------------------------------------ faults
+
+def test_bad_requests_get_openai_errors(client, server, model_id):
+    good = [{"role": "user", "content": "Hello."}]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=good)
+    bad_bodies = {
+        "budget": {"budget": -3}, "fraction": {"budget": 1.5}, "method": {"method": "nope"},
+        "option": {"method": "specpc", "method_options": {"window": "wide"}},
+        "orphan option": {"method_options": {"window": 8}},
+    }
+    for what, extra in bad_bodies.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model_id, messages=good, extra_body=extra)
+        assert e.value.status_code == 400, what
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model_id, messages=good, n=2)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model_id, messages=[])
+    with pytest.raises(openai.BadRequestError) as e:  # longer than SmolLM2's 8,192 trained tokens
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "mill " * 9000}])
+    assert e.value.code == "context_length_exceeded"
+    for body in (b"{not json", b"[1, 2]", json.dumps({"model": model_id}).encode(),
+                 json.dumps({"messages": good, "max_tokens": 0}).encode(),
+                 json.dumps({"messages": good, "temperature": "hot"}).encode(),
+                 json.dumps({"messages": good, "stop": [""]}).encode()):
+        status, _, err = raw_post(server, "/v1/chat/completions", body)
+        assert status == 400 and err["error"]["message"], body
+    status, _, err = raw_post(server, "/v1/nowhere", b"{}")
+    assert status == 404 and "error" in err
+    # the workers live on
+    assert health(server)["status"] == "ok"
+    assert chat(client, model_id, good, method="full")[0]
+
+
+def test_cancel_mid_stream_frees_the_worker(client, server, model_id, prose):
+    before = health(server)
+    stream = client.completions.create(model=model_id, prompt=prose, max_tokens=4000, stream=True,
+                                       extra_body={"method": "full"})
+    got = 0
+    for chunk in stream:
+        got += 1
+        if got == 3:
+            break
+    stream.close()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        now = health(server)
+        if now["cancelled"] > before["cancelled"] and now["running"] == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the answer was not cancelled: {now}")
+    assert now["served"] == before["served"]  # it did not run to its 4,000 tokens
+    assert chat(client, model_id, [{"role": "user", "content": "Hello."}], method="full")[0]
+
+
+def test_full_queue_answers_503_and_api_key(small_path, prose):
+    proc, url = start_server(str(small_path), "--queue-size", "1", "--api-key", "s3cret", "--cache-slots", "0")
+    try:
+        status, _, body = raw_post(url, "/v1/completions", json.dumps({"prompt": "Hi"}).encode())
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        key = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+        long = json.dumps({"prompt": prose, "max_tokens": 4000, "stream": True, "method": "full"}).encode()
+        # the stream's headers come once its worker runs it
+        running = urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", long, key), timeout=60)
+        waiting = threading.Thread(target=_drain, args=(urllib.request.Request(url + "/v1/completions", long, key),),
+                                   daemon=True)
+        waiting.start()
+        deadline = time.time() + 20
+        while health(url, "s3cret")["waiting"] < 1:
+            assert time.time() < deadline, "the second request never queued"
+            time.sleep(0.1)
+        status, headers, body = raw_post(url, "/v1/completions", json.dumps({"prompt": "Hi"}).encode(), key)
+        assert status == 503 and int(headers["Retry-After"]) > 0 and body["error"]["code"] == "server_busy"
+        assert health(url, "s3cret")["rejected"] == 1
+        running.close()
+    finally:
+        stop_server(proc)
+
+
+def _drain(req) -> None:
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+    except Exception:
+        pass
+
+
+# ------------------------------------------------------------------ load
+
+def test_load_16_clients_4_requests_each(client, server, model_id, prose):
+    """Every response complete and equal to its answer asked alone; none
+    lost or duplicated; the server healthy after; bounded in time."""
+    methods = ["specpc", "speckv", "full", None]  # None: the server's policy
+    cases = [(ask(prose, q, v), m) for v, q in enumerate(["What is the secret code?", "Who kept the ledger?"])
+             for m in methods]
+    serial = {}
+    for i, (messages, method) in enumerate(cases):
+        serial[i] = chat(client, model_id, messages, **({"method": method} if method else {}))[0]
+    before = health(server)
+    deadline = time.time() + 600
+
+    def client_run(c: int):
+        out = []
+        for r in range(4):
+            assert time.time() < deadline, "the load test ran past its 10 minutes"
+            i = (c * 4 + r) % len(cases)
+            messages, method = cases[i]
+            t0 = time.perf_counter()
+            text, stats, finish, usage = chat(client, model_id, messages, stream=(c + r) % 2 == 1,
+                                              **({"method": method} if method else {}))
+            out.append((i, text, finish, time.perf_counter() - t0, stats))
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as ex:
+        results = [r for rs in ex.map(client_run, range(16)) for r in rs]
+    wall = time.perf_counter() - t0
+    after = health(server)
+    assert len(results) == 64
+    wrong = [(i, text, serial[i]) for i, text, *_ in results if text != serial[i]]
+    assert not wrong, wrong[:3]
+    assert all(finish in ("stop", "length") for _, _, finish, _, _ in results)
+    assert after["served"] - before["served"] == 64 and after["failed"] == before["failed"]
+    assert after["rejected"] == before["rejected"] and after["running"] == 0 and after["waiting"] == 0
+    lat = sorted(t for *_, t, _ in results)
+    figures = {"requests": 64, "failures": len(wrong), "queue_full": after["rejected"] - before["rejected"],
+               "wall_s": round(wall, 1), "p50_s": round(statistics.median(lat), 2),
+               "p95_s": round(lat[int(0.95 * len(lat)) - 1], 2),
+               "draft_cache_hits": sum(1 for *_, s in results if s["draft_cached"] > 100)}
+    print("load test:", json.dumps(figures))
+    out = os.environ.get("PYSPEC_LOAD_FIGURES")
+    if out:
+        with open(out, "w") as f:
+            json.dump(figures, f)
