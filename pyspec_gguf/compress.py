@@ -15,7 +15,7 @@ template's own tokens are never part of the output.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 
@@ -60,9 +60,10 @@ class Compressed:
                 "times": dict(self.times)}
 
 
-def compress(session, prompt, call, marker: str, progress=None) -> Compressed:
+def compress(session, prompt, call, marker: str, progress=None, caches=None) -> Compressed:
     """`SpecSession.compress` after validation: `call` holds the method,
-    tokens, budget and protected positions."""
+    tokens, budget and protected positions; `caches` the prefix caches the
+    draft's pass may reuse."""
     method = call.method
     if method.prompt_stage is None or method.kv_stage is not None:
         raise ValueError(f"{method.name} does not select prompt tokens; compress with a prompt method "
@@ -70,29 +71,35 @@ def compress(session, prompt, call, marker: str, progress=None) -> Compressed:
     if not isinstance(marker, str):
         raise ValueError(f"marker must be a string, not {marker!r}")
     clock = Clock()
-    analysis = Analysis(session, call.tokens, call.protected, 0, [method], progress=progress, clock=clock)
+    analysis = Analysis(session, call.tokens, call.protected, 0, [method], progress=progress, clock=clock,
+                        caches=caches)
     try:
         kept, _ = analysis.select_prompt(method, call.budget)
     finally:
         analysis.close()
+    compressed = from_kept(session, prompt, call.tokens, kept, marker, method.name)
+    compressed.times = {k: v for k, v in clock.times.items() if v}
+    return compressed
+
+
+def from_kept(session, prompt, tokens: np.ndarray, kept: np.ndarray, marker: str = " …",
+              method: str = "") -> Compressed:
+    """The compressed prompt that spells the tokens at `kept` of `prompt`
+    (whose tokens are `tokens`): e.g. a SpecPC answer's `Result.kept`."""
     target = session.target
     if isinstance(prompt, str):
-        spans = [(0, len(prompt.encode()))]
         rendered = prompt
+        spans = [(0, len(prompt.encode()))]
     else:
         rendered = target.apply_chat_template(list(prompt))
         spans = content_spans(rendered, [m["content"] for m in prompt])
-    starts, ends = token_spans(target, call.tokens, rendered.encode())
-    keep = np.zeros(len(call.tokens), bool)
+    data = rendered.encode()
+    starts, ends = token_spans(target, tokens, data)
+    keep = np.zeros(len(tokens), bool)
     keep[kept] = True
-    texts = [cut(rendered.encode(), a, b, starts, ends, keep, marker) for a, b in spans]
-    if isinstance(prompt, str):
-        out = texts[0]
-    else:
-        out = [{**m, "content": t} for m, t in zip(prompt, texts)]
-    compressed_tokens = len(session.tokenize(out))
-    return Compressed(out, np.asarray(kept, np.int32), len(call.tokens), compressed_tokens, method.name,
-                      {k: v for k, v in clock.times.items() if v})
+    texts = [cut(data, a, b, starts, ends, keep, marker) for a, b in spans]
+    out = texts[0] if isinstance(prompt, str) else [{**m, "content": t} for m, t in zip(prompt, texts)]
+    return Compressed(out, np.asarray(kept, np.int32), len(tokens), len(session.tokenize(out)), method)
 
 
 def token_spans(model, tokens: np.ndarray, text: bytes) -> tuple:

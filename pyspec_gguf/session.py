@@ -145,9 +145,10 @@ class SpecSession:
     def generate(self, prompt: Prompt, method: Union[str, Method] = "specpc", budget: Union[int, float] = 1024,
                  max_tokens: int = 128, stream: bool = False, sampling: Sampling = Sampling(),
                  protect_last: int = 0, progress: Optional[Callable[[int, int], None]] = None,
-                 **method_options):
+                 stop: Sequence[str] = (), **method_options):
         """Answer `prompt` (text or chat messages) with `method` at `budget`
-        tokens (an int) or fraction of the prompt (a float in (0, 1)).
+        tokens (an int) or fraction of the prompt (a float in (0, 1)); the
+        answer ends before the first of the `stop` strings, if any.
 
         Returns a Result; with stream=True, a Stream that yields text pieces
         and holds the Result once exhausted. `protect_last` tokens at the end
@@ -155,7 +156,7 @@ class SpecSession:
         control tokens.
         """
         stream_ = self.stream(prompt, method, budget, max_tokens, sampling, protect_last, progress,
-                              method_options)
+                              method_options, stop=stop)
         return stream_ if stream else stream_.run()
 
     def document(self, source, name: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
@@ -186,30 +187,33 @@ class SpecSession:
 
     def compress(self, prompt: Union[str, Sequence[dict]], budget: Union[int, float] = 1024,
                  method: Union[str, Method] = "specpc", protect_last: int = 0, marker: str = " …",
-                 progress: Optional[Callable[[int, int], None]] = None, **method_options) -> "Compressed":
+                 progress: Optional[Callable[[int, int], None]] = None, caches=None,
+                 **method_options) -> "Compressed":
         """The text of the prompt tokens `method` keeps, for any engine to
         answer from: text for text, chat messages for messages (each
         message's content shortened, the roles and order kept), with
         `marker` where tokens were dropped ("" to join the kept runs).
         `method` must select prompt tokens (specpc, specprefill, selfinfo,
-        headtail). See `pyspec_gguf.compress`."""
+        headtail). `caches`: prefix caches to reuse (`pipeline.Caches`). See
+        `pyspec_gguf.compress`."""
         from .compress import compress
         call = self._call(prompt, method, budget, protect_last, method_options)
-        return compress(self, prompt, call, marker, progress)
+        return compress(self, prompt, call, marker, progress, caches)
 
     def _call(self, prompt: Prompt, method: Union[str, Method], budget, protect_last: int, method_options: dict,
-              max_tokens: int = 0) -> "Call":
+              max_tokens: Optional[int] = None) -> "Call":
         """Validate a call's arguments and tokenize its prompt."""
         if isinstance(method, str):
             method = make_method(method, **method_options)
         elif method_options:
             raise ValueError("method options go with a method name, not a method object")
-        if max_tokens and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer, not {max_tokens!r}")
         if method.uses_draft and self.draft is None:
             raise ValueError(f"{method.name} needs a draft model; this session has none")
         tokens = self.tokenize(prompt)
-        self.check_fits(len(tokens), max_tokens, method)
+        self.check_fits(len(tokens), max_tokens or 0, method)
         n_budget = resolve_budget(budget, len(tokens))
         if isinstance(protect_last, bool) or not isinstance(protect_last, int) or protect_last < 0:
             raise ValueError(f"protect_last must be an integer >= 0, not {protect_last!r}")

@@ -4,6 +4,7 @@ directory (PYSPEC_GGUF_CACHE or ~/.cache/pyspec-gguf), fetched once."""
 import pytest
 
 import pyspec_gguf
+from pyspec_gguf import SpecSession
 from pyspec_gguf import registry
 
 SMALL = "smollm2-135m-instruct-q4_1"
@@ -18,6 +19,13 @@ def small_path():
 def small(small_path):
     with pyspec_gguf.Model(small_path) as model:
         yield model
+
+
+@pytest.fixture(scope="session")
+def small_pair(small_path):
+    """SmolLM2 as both draft and target: every method's code path, fast."""
+    with SpecSession(draft=str(small_path), target=str(small_path), progress=False) as session:
+        yield session
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from hub_server import HubServer
+from local_server import free_port, start_server, stop_server
 from pyspec_gguf.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,10 @@ NOT_RUN = {
     "pyspec-gguf bench --profile quick": "runs in tests/test_bench.py",
     "pyspec-gguf chat --doc report.pdf --method specpc --budget 1024":
         "interactive; tests/test_document.py drives the same command through stdin on SmolLM2",
+    'pip install ".[server]"': "the test extra holds the server extra; .ci/run installs it",
+    "pyspec-gguf serve --method specpc --budget 0.25 --min-prompt-tokens 2048":
+        "serves until stopped; test_python_block starts it (on a free port) for the client example, "
+        "tests/test_server.py drives it on SmolLM2",
 }
 
 DOC = ("The committee met on a grey Tuesday. After a long debate about the roof, the bridge and the school, "
@@ -110,6 +115,7 @@ RUN_SLOW = (  # the draft/target pair
     '--compare',
     "pyspec-gguf models fetch",
     "pyspec-gguf models path Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF:qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    'pyspec-gguf compress --doc README.md --question "Which command runs the tests?" --budget 1024',
 )
 
 
@@ -132,6 +138,11 @@ def _run_cli_line(line, tmp_path):
         assert "[specpc] prompt" in done.stderr and "[full] prompt" in done.stderr
         # the README's main command is a real question whose default answer is right
         assert "pytest" in done.stdout.split("--- specpc:")[1], done.stdout
+    if " compress " in line:
+        # the compressed README still holds the answer, in far fewer tokens
+        assert "pytest" in done.stdout and "Which command runs the tests?" in done.stdout, done.stdout[-2000:]
+        kept, short = map(int, re.search(r"kept (\d+), compressed text (\d+) tok", done.stderr).groups())
+        assert kept == 1024 and short < 1400, done.stderr
 
 
 @pytest.mark.parametrize("line", RUN_FAST)
@@ -145,16 +156,33 @@ def test_bash_line_on_the_pair(line, tmp_path):
     _run_cli_line(line, tmp_path)
 
 
+SERVED = "http://127.0.0.1:8000/v1"  # a client example talks to `pyspec-gguf serve` there
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_python_block(index, tmp_path):
     """Each Python example as a script, beside the files it opens: a short
-    report.txt and a doc.txt long enough for the 1024 tokens it keeps."""
+    report.txt and a doc.txt long enough for the 1024 tokens it keeps. A
+    client example gets the README's server command on a free port."""
     (tmp_path / "report.txt").write_text(DOC * 3)
     (tmp_path / "doc.txt").write_text(DOC * 40)
+    block = python_blocks()[index]
     script = tmp_path / "example.py"
-    script.write_text(python_blocks()[index])
-    run(f"{shlex.quote(sys.executable)} {script}", tmp_path)
+    if SERVED not in block:
+        script.write_text(block)
+        run(f"{shlex.quote(sys.executable)} {script}", tmp_path)
+        return
+    serve = next(line for line in bash_lines() if " serve " in line)
+    serve = split_install(serve)[1]
+    port = free_port()
+    script.write_text(block.replace(SERVED, f"http://127.0.0.1:{port}/v1"))
+    proc, _ = start_server(shlex.split(serve)[1:], port)
+    try:
+        done = run(f"{shlex.quote(sys.executable)} {script}", tmp_path)
+        assert "4.2 million" in done.stdout and "kept" in done.stdout, done.stdout
+    finally:
+        stop_server(proc)
 
 
 def test_readme_has_examples():

@@ -7,21 +7,17 @@ requests are all answered, each as it is when asked alone."""
 
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
+from local_server import start_server, stop_server
 
-openai = pytest.importorskip("openai")
-
-from pyspec_gguf import SpecSession  # noqa: E402
 
 NEEDLE = "The secret code for the vault is 4471."
 MAX_TOKENS = 12
@@ -29,41 +25,8 @@ BUDGET = 0.5
 POLICY = ["--method", "specpc", "--budget", str(BUDGET), "--min-prompt-tokens", "300"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, *args: str):
-    """`pyspec-gguf serve` in its own process; (process, base URL) once healthy."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "pyspec_gguf", "serve", "--draft", model, "--target", model, "--port", str(port),
-           "--max-tokens", str(MAX_TOKENS), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except urllib.error.HTTPError:  # up, and asking for its key
-            return proc, url
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the server did not start in 120 s")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("the server did not stop within 20 s of SIGTERM")
+def serve_small(model: str, *args: str):
+    return start_server(["serve", "--draft", model, "--target", model, "--max-tokens", str(MAX_TOKENS), *args])
 
 
 def health(url: str, key: str = None) -> dict:
@@ -84,7 +47,7 @@ def raw_post(url: str, path: str, body: bytes, headers=None):
 
 @pytest.fixture(scope="module")
 def server(small_path):
-    proc, url = start_server(str(small_path), *POLICY, "--workers", "2", "--cache-slots", "4")
+    proc, url = serve_small(str(small_path), *POLICY, "--workers", "2", "--cache-slots", "4")
     yield url
     stop_server(proc)
 
@@ -95,9 +58,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def session(small_path):
-    with SpecSession(draft=str(small_path), target=str(small_path), progress=False) as s:
-        yield s
+def session(small_pair):
+    return small_pair
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +238,7 @@ def test_cancel_mid_stream_frees_the_worker(client, server, model_id, prose):
 
 
 def test_full_queue_answers_503_and_api_key(small_path, prose):
-    proc, url = start_server(str(small_path), "--queue-size", "1", "--api-key", "s3cret", "--cache-slots", "0")
+    proc, url = serve_small(str(small_path), "--queue-size", "1", "--api-key", "s3cret", "--cache-slots", "0")
     try:
         status, _, body = raw_post(url, "/v1/completions", json.dumps({"prompt": "Hi"}).encode())
         assert status == 401 and body["error"]["code"] == "invalid_api_key"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -52,3 +53,26 @@ def append_result(path: Path, row: dict) -> None:
 
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def paired_interval(diffs: list[float]) -> tuple:
+    """Mean of paired differences and its 95% interval (paired standard
+    error over prompts); None for fewer than two pairs."""
+    if len(diffs) < 2:
+        return None
+    d = sum(diffs) / len(diffs)
+    se = (sum((x - d) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    return d, d - 1.96 * se, d + 1.96 * se
+
+
+def script(doc: str, add_cli_args, main, summary) -> None:
+    """A benchmark module run as a script: its options, then a run that
+    appends to --out, or with --summary only the summary of what --out holds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(parser)
+    parser.add_argument("--summary", action="store_true", help="only print the summary of --out")
+    args = parser.parse_args()
+    if args.summary:
+        print(summary(args))
+    else:
+        main(args)

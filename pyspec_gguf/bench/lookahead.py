@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from .. import registry
 from ..methods import make_method
 from ..session import SpecSession
-from .common import append_result
+from .common import append_result, paired_interval, script
 from .forks import PromptForks
 from .tasks import TASKS, make_task
 
@@ -103,10 +102,9 @@ def summary(path: Path, tokens: int) -> str:
         diffs = [score[(variant, budget, *k)] - score[("specpc@la1", budget, *k)] for k in keys
                  if ("specpc@la1", budget, *k) in score]
         text = f"{variant:12s} {budget:5d} {len(keys):3d} {mean:.3f}"
-        if len(diffs) > 1 and variant != "specpc@la1":
-            d = sum(diffs) / len(diffs)
-            se = math.sqrt(sum((x - d) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs))
-            text += f"  {d:+.3f} [{d - 1.96 * se:+.3f}, {d + 1.96 * se:+.3f}]"
+        gap = paired_interval(diffs)
+        if gap and variant != "specpc@la1":
+            text += "  {:+.3f} [{:+.3f}, {:+.3f}]".format(*gap)
         lines.append(text)
     return "\n".join(lines)
 
@@ -121,14 +119,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="also answer with `full` (a whole target prefill per prompt)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="bench/results/lookahead.jsonl")
-    p.add_argument("--summary", action="store_true", help="only print the summary of --out")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_cli_args(parser)
-    a = parser.parse_args()
-    if a.summary:
-        print(summary(Path(a.out), a.tokens))
-    else:
-        main(a)
+    script(__doc__, add_cli_args, main, lambda a: summary(Path(a.out), a.tokens))

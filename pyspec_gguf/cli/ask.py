@@ -14,10 +14,14 @@ from .common import (add_method_args, add_model_args, checked_options, kept_text
                      progress_bar, sampling)
 
 
-def add_cli_args(parser) -> None:
+def add_question_args(parser, question_help: str = "the question to answer") -> None:
     parser.add_argument("--doc", required=True, help="the document: .txt, .md, .pdf or .html ('-' reads text from stdin)")
-    parser.add_argument("--question", required=True, help="the question to answer")
+    parser.add_argument("--question", required=True, help=question_help)
     add_method_args(parser)
+
+
+def add_cli_args(parser) -> None:
+    add_question_args(parser)
     parser.add_argument("--compare", action="store_true", help="also run 'full' and show both")
     parser.add_argument("--show-kept", action="store_true", help="print the document with kept spans marked")
     add_model_args(parser, max_tokens=128)

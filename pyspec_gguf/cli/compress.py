@@ -10,14 +10,12 @@ import json
 import sys
 
 from ..document import question_protect
-from .ask import build_messages, read_doc
-from .common import add_method_args, checked_options, open_session, progress_bar
+from .ask import add_question_args, build_messages, read_doc
+from .common import checked_options, open_session, progress_bar
 
 
 def add_cli_args(parser) -> None:
-    parser.add_argument("--doc", required=True, help="the document: .txt, .md, .pdf or .html ('-' reads text from stdin)")
-    parser.add_argument("--question", required=True, help="the question the compressed text must answer")
-    add_method_args(parser)
+    add_question_args(parser, "the question the compressed text must answer")
     parser.add_argument("--marker", default=" …", help="what stands for each dropped run (default ' …'; '' drops silently)")
     parser.add_argument("--json", action="store_true", help="print the compressed chat messages and figures as JSON")
     parser.add_argument("--draft", default="", help="draft model spec (default: the registry's draft)")

@@ -10,8 +10,7 @@ extra_body). Needs the server extra: pip install "pyspec-gguf[server]".
 
 import logging
 
-from ..methods import METHODS
-from .common import add_method_args, add_model_args, checked_options, open_session, parse_budget
+from .common import add_method_args, add_model_args, checked_options, open_session
 
 
 def add_cli_args(parser) -> None:

@@ -74,8 +74,10 @@ def compress(req: Request, policy: Policy):
             if job.cancelled.is_set():
                 raise Cancelled("the compression was cancelled")
 
-        compressed = worker.session.compress(req.prompt, budget, name, req.protect_last, req.marker, progress,
-                                             **options)
+        session = worker.session
+        caches = worker.caches(session.tokenize(req.prompt), make_method(name, **options))
+        compressed = session.compress(req.prompt, budget, name, req.protect_last, req.marker, progress, caches,
+                                      **options)
         job.post("done", compressed)
 
     return work
