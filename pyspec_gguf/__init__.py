@@ -6,16 +6,17 @@
 import llama_cpp as _llama_cpp  # noqa: F401  isort: skip
 
 from ._log import set_verbose
+from .compress import Compressed
 from .document import Document
 from .engine import Context, Model, Sampling, iter_text
 from .methods import METHODS, make_method
 from .registry import ChecksumError, FetchError, cache_dir, default_model, fetch, resolve
-from .session import Result, SpecSession, Stats, Stream
+from .session import Cancelled, Result, SpecSession, Stats, Stream
 from .store import StateFileError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChecksumError", "Context", "Document", "FetchError", "METHODS", "Model", "Result", "Sampling", "SpecSession", "StateFileError",
+    "Cancelled", "ChecksumError", "Compressed", "Context", "Document", "FetchError", "METHODS", "Model", "Result", "Sampling", "SpecSession", "StateFileError",
     "Stats", "Stream", "cache_dir", "default_model", "fetch", "iter_text", "make_method", "resolve", "set_verbose",
 ]

@@ -227,7 +227,8 @@ class SpecSession:
     def check_fits(self, n_prompt: int, max_tokens: int, method: Optional[Method] = None) -> None:
         """A prompt and its answer within what the models were trained for
         (else `PromptTooLong`, a ValueError)."""
-        self.target.check_fits(n_prompt + max_tokens, f"the prompt ({n_prompt:,} tokens) with its answer")
+        what = f"the prompt ({n_prompt:,} tokens)" + (" with its answer" if max_tokens else "")
+        self.target.check_fits(n_prompt + max_tokens, what)
         if self.draft is not None and (method is None or method.uses_draft):
             self.draft.check_fits(n_prompt, f"the prompt ({n_prompt:,} tokens)")
 
