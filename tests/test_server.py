@@ -13,10 +13,13 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
 from local_server import start_server, stop_server
+
+from pyspec_gguf.bench.common import append_result
 
 
 NEEDLE = "The secret code for the vault is 4471."
@@ -312,7 +315,7 @@ def test_load_16_clients_4_requests_each(client, server, model_id, prose):
                "p95_s": round(lat[int(0.95 * len(lat)) - 1], 2),
                "draft_cache_hits": sum(1 for *_, s in results if s["draft_cached"] > 100)}
     print("load test:", json.dumps(figures))
-    out = os.environ.get("PYSPEC_LOAD_FIGURES")
+    out = os.environ.get("PYSPEC_LOAD_FIGURES")  # a file to append the figures to, with the machine
     if out:
-        with open(out, "w") as f:
-            json.dump(figures, f)
+        append_result(Path(out), {"bench": "server_load", "clients": 16, "requests_each": 4, "workers": 2,
+                                  **figures})
