@@ -43,7 +43,10 @@ class Job:
 
     def post(self, kind: str, value=None) -> None:
         """From the worker thread: an event for the request's handler."""
-        self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone: the server is shutting down
+            self.cancel()
 
     async def next(self) -> tuple:
         return await self._events.get()
