@@ -83,15 +83,15 @@ def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Op
     async def compress(request: HttpRequest):
         req = protocol.compress_request(await _body(request), model_id)
         job = _submit(jobs.compress(req, policy))
-        kind, value = await _wait(request, job)
-        return protocol.compress_response(value, model_id, job.queued_s)
+        _, compressed = await _wait(request, job)
+        return protocol.compress_response(compressed, model_id, job.queued_s)
 
     async def _generate(request: HttpRequest, req: protocol.Request, respond: Callable):
         job = _submit(jobs.answer(req, policy))
-        kind, value = await _wait(request, job, until=("ready",))
+        await _wait(request, job, until=("ready",))  # checked by its worker: its errors are still a 4xx
         if req.stream:
             return EventSourceResponse(_events(job, req), ping=10)
-        kind, result = await _wait(request, job)
+        _, result = await _wait(request, job)
         return respond(req, result, model_id, job.queued_s)
 
     async def _events(job: Job, req: protocol.Request):

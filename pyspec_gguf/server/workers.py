@@ -146,10 +146,10 @@ class WorkerPool:
             raise ValueError(f"workers must be >= 1, not {workers}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, not {queue_size}")
-        self.session, self.queue_size = session, queue_size
-        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         if cache_slots < 0:
             raise ValueError(f"cache_slots must be >= 0, not {cache_slots}")
+        self.session, self.queue_size = session, queue_size
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.counts = Counts()
         options = session.context_options
         self.draft_cache = (PrefixPool(session.draft, options, cache_slots)
