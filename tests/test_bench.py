@@ -10,6 +10,7 @@ import pytest
 
 from pyspec_gguf.bench import report
 from pyspec_gguf.bench.forks import VARIANTS
+from pyspec_gguf.bench.run import BUDGETLESS
 from pyspec_gguf.bench.tasks import TASKS, make_task
 
 
@@ -65,21 +66,36 @@ def test_quick_profile_writes_every_row(quick):
     out, _, stdout = quick
     rows = [json.loads(line) for line in (out / "latest.jsonl").read_text().splitlines()]
     got = {(r["method"], r["budget"]) for r in rows}
-    assert got == {("full", None)} | {(v, b) for v in VARIANTS if v != "full" for b in (128, 256)}
+    assert got == {(v, None) for v in BUDGETLESS} | {(v, b) for v in VARIANTS if v not in BUDGETLESS
+                                                     for b in (128, 256)}
     for r in rows:
         assert r["context_tokens"] == 1024 and r["n_samples"] == 2
         assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_task"]) == {"niah_single", "variable_tracking"}
-        assert r["ttft_s"] > 0 and r["peak_rss_bytes"] > 0 and r["decode_tok_s"] > 0
+        lo, hi = r["accuracy_ci"]
+        assert 0.0 <= lo <= r["accuracy"] <= hi <= 1.0
         assert r["machine"]["cores"] >= 1 and r["models"]["target"] and r["commands"]
-        # the end-to-end run of each method answered as its shared-prefill fork did
-        assert r["timed_answer_matches"] is True, r["method"]
+        # timed: every method at 256 (specpc at both budgets), in 2 interleaved runs
+        if r["budget"] in (None, 256) or r["method"] == "specpc":
+            assert r["ttft_runs"] == 2 and 0 < r["ttft_min_s"] <= r["ttft_s"] <= r["ttft_max_s"], r["method"]
+            assert r["peak_rss_bytes"] > 0 and r["decode_tok_s"] > 0 and len(r["loadavg"]) == 2
+            # every end-to-end run of each method answered as its shared-prefill fork did
+            assert r["timed_answer_matches"] is True, r["method"]
+        else:
+            assert r["ttft_runs"] == 0 and r["ttft_s"] is None and r["timed_answer_matches"] is None
     by = {(r["method"], r["budget"]): r for r in rows}
     assert by[("full", None)]["ttft_vs_full"] == 1.0 and by[("full", None)]["kv_vs_full"] == 1.0
     for budget in (128, 256):
         n = by[("full", None)]["prompt_tokens"]
-        for v in ("speckv@head", "speckv@token", "snapkv@head", "snapkv@token", "streamingllm"):
+        for v in ("speckv@head", "speckv", "snapkv@head", "snapkv", "streamingllm"):
             assert by[(v, budget)]["kv_vs_full"] == pytest.approx((budget + 1) / n, rel=0.02)
+        for v in ("specpc", "selfinfo", "headtail"):
+            assert by[(v, budget)]["kv_vs_full"] == pytest.approx(budget / n, rel=0.05), v
+        # whole chunks: at most the budget
+        assert budget / 2 / n < by[("specprefill", budget)]["kv_vs_full"] <= budget / n
         assert by[("specpc", budget)]["ttft_floor_s"] > 0
+    # the runs of each variant alternate with the others' (run 0 of all, then run 1)
+    timings = [r for r in report.load_runs(out / "runs.jsonl") if r["kind"] == "timing"]
+    assert [r["run"] for r in timings] == sorted(r["run"] for r in timings)
     table = (out / "latest.md").read_text()
     assert "| speckv@head | 128 |" in table and "Accuracy per task" in table
     assert "| 1024 (" in stdout
@@ -142,7 +158,7 @@ def _timing(variant, budget, ttft, floor=None):
 
 def test_targets_are_checked_at_the_longest_context(tmp_path):
     # three prompts; speckv finds what full finds, snapkv nothing
-    scores = {"full": [1, 1, 0.5], "specpc": [1, 0.5, 0.5], "speckv@token": [1, 1, 0.5], "snapkv@token": [0, 0, 0]}
+    scores = {"full": [1, 1, 0.5], "specpc": [1, 0.5, 0.5], "speckv": [1, 1, 0.5], "snapkv": [0, 0, 0]}
     rows = [_answer(v, 0 if v == "full" else b, t, s[i], 800 if v == "full" else 100)
             for v, s in scores.items() for b in (256, 1024) for i, t in enumerate("abc")]
     rows = [r for i, r in enumerate(rows) if r["variant"] != "full" or i % 2 == 0]  # full once per prompt
@@ -159,8 +175,7 @@ def test_targets_are_checked_at_the_longest_context(tmp_path):
     assert met["speckv not below snapkv beyond noise at 1024"][1] is True
     assert "| 8192 tokens: speckv regains" in (tmp_path / "latest.md").read_text()
     # the other way round it fails, also the paired-noise check
-    swapped = [{**r, "variant": {"speckv@token": "snapkv@token", "snapkv@token": "speckv@token"}.get(r["variant"],
-                                                                                                    r["variant"])}
+    swapped = [{**r, "variant": {"speckv": "snapkv", "snapkv": "speckv"}.get(r["variant"], r["variant"])}
                for r in rows]
     runs.write_text("".join(json.dumps(r) + "\n" for r in swapped))
     met = {name.split(": ", 1)[1]: ok for name, _, ok in

@@ -22,9 +22,10 @@ from ..methods import KVMethod, make_method
 from ..passes import AnswerContext, keep_one_set, keep_per_head
 from ..pipeline import Analysis
 
-# the benchmark's variants; "@head" / "@token" name a KV method's granularity
-VARIANTS = ("full", "specpc", "speckv@head", "speckv@token", "snapkv@head", "snapkv@token", "speckv_pc",
-            "streamingllm")
+# the benchmark's variants: every method at its default options, and the KV
+# methods' other granularity ("@head": one set of entries per KV head)
+VARIANTS = ("full", "specpc", "speckv", "snapkv", "speckv@head", "snapkv@head", "speckv_pc", "streamingllm",
+            "specprefill", "selfinfo", "headtail", "draft")
 
 
 class PromptForks:
@@ -43,10 +44,12 @@ class PromptForks:
         self.analysis = Analysis(session, tokens, protected, max_tokens, list(self.methods.values()), fork=True,
                                  progress=progress)
 
-    def answer(self, variant: str, budget: int) -> tuple[str, int]:
-        """(answer, KV cells the target held when decoding started)."""
+    def answer(self, variant: str, budget: int) -> tuple[str, int, int]:
+        """(answer, KV cells the answering model held when decoding started,
+        its KV bytes per cell)."""
         prepared = self.analysis.prepare(self.methods[variant], budget)
-        return self._generate(prepared.answer), prepared.cells
+        return (self._generate(prepared.answer, prepared.model), prepared.cells,
+                prepared.model.kv_bytes_per_token)
 
     # -- explicit selections over the prompt's own target pass (the
     #    aggregation and granularity studies choose the kept entries)
@@ -69,12 +72,12 @@ class PromptForks:
     def _target(self, method: KVMethod):
         return self.analysis.target(np.arange(len(self.tokens), dtype=np.int32), method.target_needs())
 
-    def _generate(self, answer: AnswerContext) -> str:
+    def _generate(self, answer: AnswerContext, model=None) -> str:
         try:
             out = list(answer.context.generate(self.max_tokens, seq=answer.seq))
         finally:
             answer.close()
-        return self.s.target.detokenize(out)
+        return (model or self.s.target).detokenize(out)
 
     def close(self):
         self.analysis.close()

@@ -73,7 +73,7 @@ def main(args) -> None:
                 forks = PromptForks(s, tokens, protected, task.max_tokens, variants=methods)
                 try:
                     for variant, budget in todo:
-                        text, cells = forks.answer(variant, budget)
+                        text, cells, _ = forks.answer(variant, budget)
                         times = forks.analysis.clock.times
                         row = {"bench": "lookahead", "models": models, "prompt_tokens_asked": args.tokens,
                                "seed": seed, "task": name, "prompt_tokens": len(tokens), "variant": variant,

@@ -8,10 +8,12 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean, pstdev, stdev
+from statistics import mean, median, pstdev
+from typing import Optional
 
-from ..methods.base import DEFAULT_GRANULARITY
-from .common import machine
+import numpy as np
+
+from .common import machine, paired_interval
 
 
 def load_runs(path: Path) -> list:
@@ -34,87 +36,153 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def bootstrap_interval(scores: list, resamples: int = 2000, seed: int = 0) -> tuple:
+    """95% percentile-bootstrap interval of the mean over prompts (seeded,
+    so a report rebuilt from the same runs gives the same interval)."""
+    x = np.asarray(scores, dtype=float)
+    if len(x) < 2:
+        return (float(x.mean()), float(x.mean())) if len(x) else (None, None)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    lo, hi = np.percentile(x[idx].mean(axis=1), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return median(values) if values else None
+
+
+def _timing_summary(ts: list, answer_of) -> dict:
+    """The end-to-end runs of one (context, method, budget): medians, spread,
+    the load each run started under, and whether every run answered as the
+    shared-prefill fork of the same prompt did."""
+    if not ts:
+        return {"ttft_s": None, "ttft_runs": 0, "ttft_min_s": None, "ttft_max_s": None, "ttft_floor_s": None,
+                "decode_tok_s": None, "peak_rss_bytes": None, "stage_times": None, "loadavg": [],
+                "timed_answer_matches": None}
+    ttfts = [t["ttft_s"] for t in ts]
+    fork = answer_of(ts[0]["task"], ts[0]["seed"])
+    stages = sorted({k for t in ts for k in t["times"]})
+    return {
+        "ttft_s": median(ttfts), "ttft_runs": len(ts), "ttft_min_s": min(ttfts), "ttft_max_s": max(ttfts),
+        "ttft_floor_s": _median([t["floor"]["floor_s"] for t in ts if "floor" in t]),
+        "decode_tok_s": _median([t["decode_tok_s"] for t in ts]),
+        "peak_rss_bytes": _median([t["peak_rss_bytes"] for t in ts]),
+        "stage_times": {k: _median([t["times"].get(k) for t in ts]) for k in stages},
+        "loadavg": [t.get("loadavg") for t in ts],
+        "timed_answer_matches": all(t["answer"] == fork for t in ts) if fork is not None else None,
+    }
+
+
 def build(runs: Path, out: Path, profile: str) -> list:
     raw = load_runs(runs)
     answers = [r for r in raw if r["kind"] == "answer"]
-    timings = {(r["context_tokens"], r["variant"], r["budget"]): r for r in raw if r["kind"] == "timing"}
-    groups = defaultdict(list)
+    groups, timings = defaultdict(list), defaultdict(list)
     for r in answers:
         groups[(r["context_tokens"], r["variant"], r["budget"])].append(r)
+    for r in raw:
+        if r["kind"] == "timing":
+            timings[(r["context_tokens"], r["variant"], r["budget"])].append(r)
     commands = sorted({r["command"] for r in raw})
     models = raw[0]["models"] if raw else {}
     rows = []
-    for (context, variant, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for key in sorted(set(groups) | set(timings)):
+        context, variant, budget = key
+        rs, ts = groups.get(key, []), timings.get(key, [])
         full_rs = groups.get((context, "full", 0), [])
-        full_t = timings.get((context, "full", 0))
-        t = timings.get((context, variant, budget))
+        full_t = _timing_summary(timings.get((context, "full", 0), []), lambda *_: None)
         scores = [r["score"] for r in rs]
+        lo, hi = bootstrap_interval(scores)
         per_task = defaultdict(list)
         for r in rs:
             per_task[r["task"]].append(r["score"])
-        kv = mean(r["target_kv_bytes"] for r in rs)
+        kv = mean(r["target_kv_bytes"] for r in rs) if rs else None
         kv_full = mean(r["target_kv_bytes"] for r in full_rs) if full_rs else None
-        ttft = t["ttft_s"] if t else None
-        decode = t["decode_tok_s"] if t else None
-        floor = t["floor"]["floor_s"] if t and "floor" in t else None
-        fork = next((r for r in rs if r["task"] == t["task"] and r["seed"] == t["seed"]), None) if t else None
+        answer_of = {(r["task"], r["seed"]): r["answer"] for r in rs}
+        t = _timing_summary(ts, lambda task, seed: answer_of.get((task, seed)))
+        accuracy = mean(scores) if scores else None
         rows.append({
             "profile": profile, "method": variant, "budget": budget or None, "context_tokens": context,
-            "prompt_tokens": round(mean(r["prompt_tokens"] for r in rs)), "n_samples": len(rs),
-            "accuracy": mean(scores),
+            "prompt_tokens": round(mean(r["prompt_tokens"] for r in (rs or ts))), "n_samples": len(rs),
+            "accuracy": accuracy, "accuracy_ci": [lo, hi],
             "accuracy_se": pstdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0,
-            "accuracy_vs_full": _ratio(mean(scores), mean(r["score"] for r in full_rs) if full_rs else None),
+            "accuracy_vs_full": _ratio(accuracy, mean(r["score"] for r in full_rs) if full_rs else None),
             "per_task": {k: mean(v) for k, v in sorted(per_task.items())},
-            "ttft_s": ttft, "ttft_vs_full": _ratio(ttft, full_t["ttft_s"] if full_t else None),
-            "ttft_floor_s": floor, "ttft_vs_floor": _ratio(ttft, floor),
-            "decode_tok_s": decode, "decode_vs_full": _ratio(decode, full_t["decode_tok_s"] if full_t else None),
-            "target_kv_bytes": kv, "kv_vs_full": _ratio(kv, kv_full),
-            "peak_rss_bytes": t["peak_rss_bytes"] if t else None,
-            "stage_times": t["times"] if t else None,
-            # the end-to-end run answers the timed prompt as the shared-prefill fork did
-            "timed_answer_matches": (fork["answer"] == t["answer"]) if fork and t else None,
+            **t,
+            "ttft_vs_full": _ratio(t["ttft_s"], full_t["ttft_s"]), "ttft_vs_floor": _ratio(t["ttft_s"],
+                                                                                         t["ttft_floor_s"]),
+            "decode_vs_full": _ratio(t["decode_tok_s"], full_t["decode_tok_s"]),
+            "target_kv_bytes": kv if kv is not None else _median([x["target_kv_bytes"] for x in ts]),
+            "kv_vs_full": _ratio(kv, kv_full),
             "models": models, "machine": raw[0]["machine"] if raw else machine(), "commands": commands,
         })
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "latest.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    (out / "latest.md").write_text(markdown(rows, targets(rows, answers)))
+    diffs = differences(answers)
+    docs = document_rows(out)
+    (out / "latest.md").write_text(markdown(rows, targets(rows, answers), diffs, docs))
     plot(rows, out)
+    plot_document(docs, out)
     return rows
 
 
-def _plain(method: str) -> str:
-    """A plain method name means its default granularity."""
-    return f"{method}@{DEFAULT_GRANULARITY}" if method in ("speckv", "snapkv") else method
+# pairs whose gap the report gives at every context and budget, beside each
+# method against `full`: SpecKV against the heuristic it improves on, the
+# cascade against its own stages, SpecPC against the other prompt methods
+PAIRS = [("speckv", "snapkv"), ("speckv_pc", "specpc"), ("speckv_pc", "speckv"), ("specpc", "specprefill"),
+         ("specpc", "selfinfo"), ("specpc", "headtail"), ("speckv@head", "speckv"), ("snapkv@head", "snapkv")]
 
 
-def paired_gap(answers: list, a: str, b: str, context: int, budget: int) -> tuple:
-    """Mean of score(a) - score(b) over the prompts both answered, and its
-    standard error (the prompts are shared, so the pairing removes their
-    difficulty from the noise)."""
+def paired_gap(answers: list, a: str, b: str, context: int, budget: int) -> Optional[dict]:
+    """score(a) - score(b) over the prompts both answered, with its 95%
+    interval from the paired standard error (the prompts are shared, so the
+    pairing removes their difficulty from the noise); None without two
+    shared prompts. `full` and `draft` are matched at any budget."""
     score = defaultdict(dict)
     for r in answers:
-        if r["kind"] == "answer" and r["context_tokens"] == context and r["budget"] == budget:
+        if r["kind"] == "answer" and r["context_tokens"] == context and (r["budget"] == budget or r["budget"] == 0):
             score[r["variant"]][(r["task"], r["seed"])] = r["score"]
-    shared = sorted(set(score[_plain(a)]) & set(score[_plain(b)]))
-    gaps = [score[_plain(a)][k] - score[_plain(b)][k] for k in shared]
-    if len(gaps) < 2:
-        return (gaps[0] if gaps else None), None
-    return mean(gaps), stdev(gaps) / math.sqrt(len(gaps))
+    shared = sorted(set(score[a]) & set(score[b]))
+    interval = paired_interval([score[a][k] - score[b][k] for k in shared])
+    if interval is None:
+        return None
+    gap, lo, hi = interval
+    verdict = f"{a} ahead" if lo > 0 else f"{b} ahead" if hi < 0 else "within noise"
+    return {"context": context, "budget": budget, "a": a, "b": b, "n": len(shared), "gap": gap, "lo": lo, "hi": hi,
+            "verdict": verdict}
+
+
+def differences(answers: list) -> list:
+    """Every method against `full`, and the PAIRS, at every context and
+    budget measured."""
+    out = []
+    for context in sorted({r["context_tokens"] for r in answers}):
+        here = [r for r in answers if r["context_tokens"] == context]
+        methods = {r["variant"] for r in here}
+        for budget in sorted({r["budget"] for r in here} - {0}):
+            at = {r["variant"] for r in here if r["budget"] == budget}
+            pairs = [(m, "full") for m in sorted(at) if "full" in methods]
+            pairs += [(a, b) for a, b in PAIRS if a in at and b in at]
+            out += [g for g in (paired_gap(answers, a, b, context, budget) for a, b in pairs) if g]
+        if "draft" in methods and "full" in methods:
+            g = paired_gap(answers, "draft", "full", context, 0)
+            out += [g] if g else []
+    return out
 
 
 def targets(rows: list, answers: list) -> list:
     """The project's accuracy, speed and memory targets, checked at the
     longest context measured: [(target, measured, met)], met None where not
-    measured. `speckv` and `snapkv` are their default granularity."""
+    measured."""
     if not rows:
         return []
     context = max(r["context_tokens"] for r in rows)
     by = {(r["method"], r["budget"]): r for r in rows if r["context_tokens"] == context}
 
     def get(method, budget, key):
-        r = by.get((_plain(method), budget))
+        r = by.get((method, budget))
         return r[key] if r else None
 
     out = []
@@ -133,12 +201,11 @@ def targets(rows: list, answers: list) -> list:
     else:
         lost, regained = full - snap, spec - snap
         out.append((label, f"regains {regained:.3f} of {lost:.3f}", regained >= 0.5 * lost))
-    for budget in sorted(b for m, b in by if m == _plain("speckv") and b is not None):
-        gap, se = paired_gap(answers, "speckv", "snapkv", context, budget)
-        if gap is not None:
-            noise = 2 * se if se is not None else 0.0
+    for budget in sorted(b for m, b in by if m == "speckv" and b is not None):
+        g = paired_gap(answers, "speckv", "snapkv", context, budget)
+        if g is not None:
             out.append((f"speckv not below snapkv beyond noise at {budget}",
-                        f"speckv - snapkv = {gap:+.3f} (noise {noise:.3f})", gap >= -noise))
+                        f"speckv - snapkv = {g['gap']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]", g["hi"] >= 0))
     return [(f"{context} tokens: {name}", shown, met) for name, shown, met in out]
 
 
@@ -153,103 +220,227 @@ def _fmt(v, spec, suffix=""):
     return "—" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _ci(r) -> str:
+    if r["accuracy"] is None:
+        return "—"
+    lo, hi = r["accuracy_ci"]
+    return f"{r['accuracy']:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _ttft(r) -> str:
+    if r["ttft_s"] is None:
+        return "—"
+    if r["ttft_runs"] == 1:
+        return f"{r['ttft_s']:.1f} (1 run)"
+    return f"{r['ttft_s']:.1f} ({r['ttft_min_s']:.1f}–{r['ttft_max_s']:.1f}, {r['ttft_runs']} runs)"
+
+
 def table(rows: list) -> str:
-    head = ("| context | method | budget | accuracy | vs full | TTFT s | vs full | SpecPC floor s | decode tok/s | "
-            "vs full | target KV MiB | vs full | peak RSS MiB |")
+    head = ("| context | method | budget | n | accuracy [95% CI] | vs full | TTFT s, median (range, runs) | vs full | "
+            "SpecPC floor s | decode tok/s | vs full | target KV MiB | vs full | peak RSS MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        kv = r["target_kv_bytes"]
         lines.append(
             f"| {r['context_tokens']} ({r['prompt_tokens']}) | {r['method']} | {_fmt(r['budget'], 'd')} | "
-            f"{r['accuracy']:.2f} ± {r['accuracy_se']:.2f} | {_fmt(r['accuracy_vs_full'], '.2f')} | "
-            f"{_fmt(r['ttft_s'], '.1f')} | {_fmt(r['ttft_vs_full'], '.2f')} | {_fmt(r['ttft_floor_s'], '.1f')} | "
+            f"{r['n_samples']} | {_ci(r)} | {_fmt(r['accuracy_vs_full'], '.2f')} | {_ttft(r)} | "
+            f"{_fmt(r['ttft_vs_full'], '.2f')} | {_fmt(r['ttft_floor_s'], '.1f')} | "
             f"{_fmt(r['decode_tok_s'], '.1f')} | {_fmt(r['decode_vs_full'], '.2f')} | "
-            f"{r['target_kv_bytes'] / 2**20:.1f} | {_fmt(r['kv_vs_full'], '.3f')} | "
+            f"{_fmt(kv and kv / 2**20, '.1f')} | {_fmt(r['kv_vs_full'], '.3f')} | "
             f"{_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 2**20, '.0f')} |")
     return "\n".join(lines)
 
 
 def accuracy_grid(rows: list) -> str:
-    """Accuracy per method (rows) and budget (columns), one block per context."""
+    """Accuracy [95% interval] per method (rows) and budget (columns), one
+    block per context."""
     out = []
     for c in sorted({r["context_tokens"] for r in rows}):
-        rs = [r for r in rows if r["context_tokens"] == c]
+        rs = [r for r in rows if r["context_tokens"] == c and r["accuracy"] is not None]
         budgets = sorted({r["budget"] for r in rs if r["budget"] is not None})
-        full = next((r for r in rs if r["method"] == "full"), None)
-        lines = [f"| {c} tokens | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+        n = max((r["n_samples"] for r in rs), default=0)
+        lines = [f"| {c} tokens ({n} prompts) | " + " | ".join(f"budget {b}" for b in budgets) + " |",
                  "|---" * (len(budgets) + 1) + "|"]
-        if full:
-            lines.append("| full | " + " | ".join(f"{full['accuracy']:.3f}" for _ in budgets) + " |")
-        for m in sorted({r["method"] for r in rs} - {"full"}):
-            acc = {r["budget"]: r["accuracy"] for r in rs if r["method"] == m}
-            lines.append(f"| {m} | " + " | ".join(_fmt(acc.get(b), ".3f") for b in budgets) + " |")
+        for r in rs:
+            if r["budget"] is None:  # answered once: the same at every budget
+                lines.append(f"| {r['method']} | " + " | ".join(_ci(r) for _ in budgets) + " |")
+        for m in sorted({r["method"] for r in rs if r["budget"] is not None}):
+            by = {r["budget"]: r for r in rs if r["method"] == m}
+            lines.append(f"| {m} | " + " | ".join(_ci(by[b]) if b in by else "—" for b in budgets) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def differences_table(diffs: list) -> str:
+    lines = ["| context | budget | a − b | prompts | gap [95% CI] | verdict |", "|---|---|---|---|---|---|"]
+    for d in diffs:
+        lines.append(f"| {d['context']} | {d['budget'] or '—'} | {d['a']} − {d['b']} | {d['n']} | "
+                     f"{d['gap']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] | {d['verdict']} |")
+    return "\n".join(lines)
+
+
+SCALED = ("full", "specpc", "speckv_pc")
+
+
+def scale_table(rows: list) -> str:
+    """Time to first token and memory against context length for the
+    methods measured at every length (budget 1024)."""
+    timed = [r for r in rows if r["method"] in SCALED and r["budget"] in (None, 1024) and r["ttft_s"] is not None]
+    if not timed:
+        return "Not measured yet."
+    lines = ["| context | method | TTFT s, median (range, runs) | vs full | target KV MiB | peak RSS MiB |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(timed, key=lambda r: (r["context_tokens"], SCALED.index(r["method"]))):
+        lines.append(f"| {r['context_tokens']} ({r['prompt_tokens']}) | {r['method']} | {_ttft(r)} | "
+                     f"{_fmt(r['ttft_vs_full'], '.2f')} | {_fmt(r['target_kv_bytes'] / 2**20, '.1f')} | "
+                     f"{_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 2**20, '.0f')} |")
+    return "\n".join(lines)
 
 
 def task_table(rows: list) -> str:
     tasks = sorted({t for r in rows for t in r["per_task"]})
     lines = ["| context | method | budget | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 3) + "|"]
     for r in rows:
-        cells = " | ".join(_fmt(r["per_task"].get(t), ".2f") for t in tasks)
-        lines.append(f"| {r['context_tokens']} | {r['method']} | {_fmt(r['budget'], 'd')} | {cells} |")
+        if r["per_task"]:
+            cells = " | ".join(_fmt(r["per_task"].get(t), ".2f") for t in tasks)
+            lines.append(f"| {r['context_tokens']} | {r['method']} | {_fmt(r['budget'], 'd')} | {cells} |")
     return "\n".join(lines)
 
 
-def markdown(rows: list, checks: list = ()) -> str:
+# -- the document conversation (bench/document.py's rows, in the same folder)
+
+def document_rows(out: Path) -> list:
+    """The turns of the latest run of each configuration in the folder's
+    document*.jsonl files (a run starts at turn 1; a later run of a
+    configuration replaces an earlier one)."""
+    latest = {}
+    for path in sorted(out.glob("document*.jsonl")):
+        current = {}
+        for r in load_runs(path):
+            if "turn" not in r:
+                continue
+            key = (r["config"], r["tokens"], r["seed"])
+            if r["turn"] == 1:
+                current[key] = [r]
+                if key not in latest or r["time"] >= latest[key][0]["time"]:
+                    latest[key] = current[key]
+            elif key in current:
+                current[key].append(r)
+    order = {c: i for i, c in enumerate(DOCUMENT_CONFIGS)}
+    return [r for key in sorted(latest, key=lambda k: (k[1], order.get(k[0], 99), k[0])) for r in latest[key]]
+
+
+DOCUMENT_CONFIGS = ["cold_full", "warm_full", "cold_specpc", "doc_specpc", "doc_speckv"]
+
+
+def document_table(docs: list) -> str:
+    if not docs:
+        return "Not measured yet."
+    n_turns = max(r["turn"] for r in docs)
+    head = "| configuration | tokens | " + " | ".join(f"turn {t}" for t in range(1, n_turns + 1)) + " | right |"
+    lines = [head, "|---" * (n_turns + 3) + "|"]
+    for key in dict.fromkeys((r["config"], r["tokens"]) for r in docs):
+        rs = {r["turn"]: r for r in docs if (r["config"], r["tokens"]) == key}
+        cells = " | ".join(_fmt(rs[t]["ttft_s"] if t in rs else None, ".1f", " s") for t in range(1, n_turns + 1))
+        right = sum(r["correct"] for r in rs.values())
+        lines.append(f"| {key[0]} | {key[1]} | {cells} | {right}/{len(rs)} |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = ()) -> str:
     if not rows:
         return "No results yet.\n"
     r0 = rows[0]
     m = r0["machine"]
     cmds = "\n".join(f"    {c}" for c in r0["commands"])
-    return (f"# Benchmark ({r0['profile']} profile)\n\n"
+    return (f"# Benchmark\n\n"
             f"Models: draft `{r0['models'].get('draft')}`, target `{r0['models'].get('target')}`. "
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}.\n\nProduced by:\n\n{cmds}\n\n"
-            f"Accuracy is RULER's score (fraction of expected strings in the answer), averaged over tasks and "
-            f"samples (± its standard error); TTFT, decode speed and peak RSS come from one end-to-end run per "
-            f"row on the first task's prompt (— where not timed); target KV is what the target holds when "
-            f"decoding starts. Context: requested length (mean prompt tokens).\n\n"
-            f"{accuracy_grid(rows)}\n\n{table(rows)}\n\n## Targets\n\n`speckv` and `snapkv` are their default granularity "
-            f"(`@{DEFAULT_GRANULARITY}`); the noise of a gap between two methods is twice the standard error of "
-            f"their score difference over the same prompts.\n\n{targets_table(checks)}\n\n"
+            f"Accuracy is RULER's score (fraction of expected strings in the answer), averaged over the prompts "
+            f"(every task, every seed), with a 95% bootstrap interval over prompts. TTFT, decode speed and peak RSS "
+            f"come from end-to-end runs on the first task's prompt, each in a process of its own, the runs of "
+            f"all methods interleaved: the median, the range and the number of runs (— where not timed); the "
+            f"ratios to `full` are ratios of medians. Target KV is what the answering model holds when decoding "
+            f"starts. Context: requested length (mean prompt tokens).\n\n"
+            f"## Accuracy\n\n{accuracy_grid(rows)}\n\n"
+            f"## Differences between methods\n\nPaired over the same prompts: mean score difference and its 95% "
+            f"interval from the paired standard error; a method is ahead only where the interval excludes "
+            f"zero.\n\n{differences_table(diffs)}\n\n"
+            f"## Every row\n\n{table(rows)}\n\n"
+            f"## Time and memory against length\n\n{scale_table(rows)}\n\n"
+            f"## A conversation over one document\n\nTime to first token per turn (`python -P -m "
+            f"pyspec_gguf.bench.document`; rows in document*.jsonl, the latest run of each configuration).\n\n"
+            f"{document_table(docs)}\n\n"
+            f"## Targets\n\n{targets_table(checks)}\n\n"
             f"## Accuracy per task\n\n{task_table(rows)}\n")
 
 
-def plot(rows: list, out: Path) -> None:
-    if not rows:
-        return
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed (pip install 'pyspec-gguf[bench]'): no plots")
+        return None
+    return plt
+
+
+def plot(rows: list, out: Path) -> None:
+    rows = [r for r in rows if r["accuracy"] is not None]
+    if not rows or not (plt := _pyplot()):
         return
     contexts = sorted({r["context_tokens"] for r in rows})
-    methods = sorted({r["method"] for r in rows if r["method"] != "full"})
-    for what, key, label, name in [("accuracy", "accuracy", "accuracy (RULER score)", "accuracy.png"),
-                                   ("cost", None, None, "cost.png")]:
+    methods = sorted({r["method"] for r in rows if r["budget"] is not None})
+    for what, name in [("accuracy", "accuracy.png"), ("cost", "cost.png")]:
         n_rows = 1 if what == "accuracy" else 2
-        fig, axes = plt.subplots(n_rows, len(contexts), figsize=(5 * len(contexts), 4 * n_rows), squeeze=False)
+        fig, axes = plt.subplots(n_rows, len(contexts), figsize=(6 * len(contexts), 4.5 * n_rows), squeeze=False)
         for j, c in enumerate(contexts):
-            metrics = [(key, label)] if what == "accuracy" else [("ttft_s", "time to first token (s)"),
-                                                                 ("target_kv_bytes", "target KV (MiB)")]
+            metrics = [("accuracy", "accuracy (RULER score, 95% CI)")] if what == "accuracy" else [
+                ("ttft_s", "time to first token (s), median"), ("target_kv_bytes", "target KV (MiB)")]
             for i, (k, lab) in enumerate(metrics):
                 ax = axes[i][j]
                 scale = 2**20 if k == "target_kv_bytes" else 1
-                full = next((r for r in rows if r["context_tokens"] == c and r["method"] == "full"), None)
-                if full and full[k] is not None:
-                    ax.axhline(full[k] / scale, color="black", linestyle="--", label="full")
+                for r in rows:
+                    if r["context_tokens"] == c and r["budget"] is None and r[k] is not None:
+                        ax.axhline(r[k] / scale, linestyle="--", color="black" if r["method"] == "full" else "gray",
+                                   label=r["method"])
                 for meth in methods:
-                    pts = sorted((r["budget"], r[k] / scale) for r in rows
-                                 if r["context_tokens"] == c and r["method"] == meth and r[k] is not None)
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", label=meth)
+                    rs = sorted((r for r in rows if r["context_tokens"] == c and r["method"] == meth
+                                 and r[k] is not None), key=lambda r: r["budget"])
+                    if not rs:
+                        continue
+                    xs, ys = [r["budget"] for r in rs], [r[k] / scale for r in rs]
+                    if k == "accuracy":
+                        err = [[y - r["accuracy_ci"][0] for y, r in zip(ys, rs)],
+                               [r["accuracy_ci"][1] - y for y, r in zip(ys, rs)]]
+                        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=meth)
+                    else:
+                        ax.plot(xs, ys, marker="o", label=meth)
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("budget (tokens)")
                 ax.set_ylabel(lab)
                 ax.set_title(f"{c} tokens")
                 ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=8)
+        axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
+
+
+def plot_document(docs: list, out: Path) -> None:
+    if not docs or not (plt := _pyplot()):
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in dict.fromkeys((r["config"], r["tokens"]) for r in docs):
+        rs = sorted((r for r in docs if (r["config"], r["tokens"]) == key), key=lambda r: r["turn"])
+        ax.plot([r["turn"] for r in rs], [r["ttft_s"] for r in rs], marker="o", label=f"{key[0]} ({key[1]})")
+    ax.set_yscale("log")
+    ax.set_xlabel("turn")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title("questions over one document")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "document.png", dpi=110)
+    plt.close(fig)

@@ -1,16 +1,21 @@
 """Accuracy, speed and memory of every method side by side.
 
-    pyspec-gguf bench --profile full        # the Qwen pair, 4K and 8K tokens
+    pyspec-gguf bench --profile full        # the Qwen pair, 4K and 8K tokens, 5 prompts per task
+    pyspec-gguf bench --profile long        # the Qwen pair at 16K tokens, the main methods
+    pyspec-gguf bench --profile scale       # one 32K prompt: time and memory of full, specpc, speckv_pc
+    pyspec-gguf bench --profile perhead     # SpecKV and SnapKV keeping entries per KV head
     pyspec-gguf bench --profile quick       # SmolLM2 as draft and target, minutes
 
 For each context length, every task and sample gives one prompt; one draft
 pass and one target prefill of it answer every (method, budget) variant
 (`forks.py`). Time to first token, decode speed, KV bytes and peak RSS come
 from end-to-end runs of each method in a process of its own (`single.py`)
-on the first task's prompt; for SpecPC also its floor. Every result is
-appended to runs.jsonl as it comes, so an interrupted run resumes where it
-stopped; latest.jsonl, latest.md and the plots are rebuilt from it at the end
-(or alone with --report).
+on the first task's prompt, repeated and interleaved (full, specpc, ...,
+full, specpc, ...) so that the machine's drift hits every method alike; for
+SpecPC also its floor. Every result is appended to runs.jsonl as it comes,
+so an interrupted run resumes where it stopped; latest.jsonl, latest.md and
+the plots are rebuilt from it at the end (or alone with --report). The
+profiles share one results folder, so the report puts them side by side.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ from .common import append_result
 from .forks import VARIANTS, PromptForks
 from .tasks import TASKS, make_task
 
+# every method at its default options (speckv, snapkv: one KV set per token)
+MAIN = ["full", "specpc", "speckv", "snapkv", "speckv_pc", "streamingllm", "specprefill", "selfinfo", "headtail",
+        "draft"]
+# answered once per prompt: their answer does not depend on a budget
+BUDGETLESS = ("full", "draft")
+
 
 @dataclass
 class Profile:
@@ -40,21 +51,44 @@ class Profile:
     budgets: list
     tasks: list
     samples: int
-    draft: str = ""        # registry default
+    variants: list
+    timed: dict                  # variant -> budgets timed end to end (0 for a budgetless one)
+    timing_runs: int = 3         # end-to-end runs of each timed variant, interleaved
+    draft: str = ""              # registry default
     target: str = ""
-    timed: dict = field(default_factory=dict)  # variant -> budgets timed end to end (default: all)
     out: str = "bench/results"
+
+
+def _at(variants, budgets) -> dict:
+    return {v: [0] if v in BUDGETLESS else list(budgets) for v in variants}
 
 
 PROFILES = {
     "quick": Profile(contexts=[1024], budgets=[128, 256], tasks=["niah_single", "niah_multikey", "variable_tracking",
-                                                                 "qa"], samples=1,
+                                                                 "qa"], samples=1, variants=list(VARIANTS),
+                     timed={**_at(VARIANTS, [256]), "specpc": [128, 256]}, timing_runs=2,
                      draft="smollm2-135m-instruct-q4_1", target="smollm2-135m-instruct-q4_1",
                      out="bench/results/quick"),
-    # Fits a few hours on 2 CPU cores: a KV method's time to first token is
-    # its full target prefill at any budget, so those are timed at 1024 only.
-    "full": Profile(contexts=[4096, 8192], budgets=[256, 512, 1024, 2048], tasks=list(TASKS), samples=1,
-                    timed={v: [1024] for v in VARIANTS if v not in ("full", "specpc")}),
+    # Days on 2 CPU cores, resumable: 8 tasks x 5 seeds at 4K and 8K, every
+    # method at every budget; timing at 1024 (a KV method's time to first
+    # token is its full target prefill at any budget) and SpecPC at each.
+    "full": Profile(contexts=[4096, 8192], budgets=[256, 512, 1024, 2048], tasks=list(TASKS), samples=5,
+                    variants=MAIN, timed={**_at(MAIN, [1024]), "specpc": [256, 512, 1024, 2048]}),
+    "long": Profile(contexts=[16384], budgets=[1024], tasks=list(TASKS), samples=2,
+                    variants=["full", "specpc", "speckv", "speckv_pc", "snapkv"],
+                    timed=_at(["full", "specpc", "speckv_pc"], [1024])),
+    # one prompt, one timing run per method: a 32K target prefill alone is
+    # most of an hour on 2 CPU cores. 32,512 requested tokens make a
+    # 32,498-token prompt, which with the answer fits the Qwen models'
+    # 32,768 trained positions
+    "scale": Profile(contexts=[32512], budgets=[1024], tasks=["niah_single"], samples=1,
+                     variants=["full", "specpc", "speckv_pc"], timed=_at(["full", "specpc", "speckv_pc"], [1024]),
+                     timing_runs=1),
+    # per-head eviction (the paper's), beside `full` (a decode from the same
+    # target pass); not timed: it costs what the one-set variant costs plus
+    # the state rewrite, which bench/README.md measures
+    "perhead": Profile(contexts=[4096, 8192], budgets=[256, 512, 1024, 2048], tasks=list(TASKS), samples=5,
+                       variants=["full", "speckv@head", "snapkv@head"], timed={}),
 }
 
 
@@ -65,15 +99,20 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", help="budgets, comma-separated (default: the profile's)")
     p.add_argument("--tasks", help=f"tasks, comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--samples", type=int, help="prompts per task and context length")
-    p.add_argument("--variants", help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    p.add_argument("--report", action="store_true", help="only rebuild latest.jsonl, the table and the plots")
+    p.add_argument("--variants", help=f"comma-separated, of: {', '.join(VARIANTS)} (default: the profile's)")
+    p.add_argument("--timing-runs", type=int, help="end-to-end runs of each timed variant (default: the profile's)")
+    p.add_argument("--only", choices=["answers", "timing"], help="measure only the accuracy or only the timing side")
+    p.add_argument("--draft", help="draft model (default: the profile's)")
+    p.add_argument("--target", help="target model (default: the profile's)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--report", action="store_true", help="only rebuild latest.jsonl, the tables and the plots")
 
 
 def _csv(value, cast=str):
     return [cast(v) for v in value.split(",")] if value else None
 
 
-def resolve(args) -> tuple[Profile, list]:
+def resolve(args) -> Profile:
     prof = PROFILES[args.profile]
     prof = Profile(**{**prof.__dict__})
     prof.contexts = _csv(args.contexts, int) or prof.contexts
@@ -81,67 +120,77 @@ def resolve(args) -> tuple[Profile, list]:
     prof.tasks = _csv(args.tasks) or prof.tasks
     prof.samples = args.samples or prof.samples
     prof.out = args.out or prof.out
-    variants = _csv(args.variants) or list(VARIANTS)
+    prof.draft = args.draft or prof.draft
+    prof.target = args.target or prof.target
+    if args.timing_runs is not None:
+        prof.timing_runs = args.timing_runs
+    if args.variants:
+        prof.variants = _csv(args.variants)
+        prof.timed = {v: b for v, b in prof.timed.items() if v in prof.variants}
     for name in prof.tasks:
         if name not in TASKS:
             raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
-    for v in variants:
+    for v in prof.variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; variants: {', '.join(VARIANTS)}")
-    if any(b < 1 for b in prof.budgets) or any(c < 64 for c in prof.contexts) or prof.samples < 1:
-        raise ValueError("budgets must be >= 1, context lengths >= 64 and samples >= 1")
-    return prof, variants
-
-
-def _done(path: Path) -> set:
-    return {_key(row) for row in report.load_runs(path)}
+    if (any(b < 1 for b in prof.budgets) or any(c < 64 for c in prof.contexts) or prof.samples < 1
+            or prof.timing_runs < 0):
+        raise ValueError("budgets must be >= 1, context lengths >= 64, samples >= 1 and timing runs >= 0")
+    return prof
 
 
 def _key(row: dict) -> tuple:
+    models = (row["models"]["draft"], row["models"]["target"])
     if row["kind"] == "answer":
-        return ("answer", row["context_tokens"], row["task"], row["seed"], row["variant"], row["budget"])
-    return ("timing", row["context_tokens"], row["variant"], row["budget"])
+        return ("answer", models, row["context_tokens"], row["task"], row["seed"], row["variant"], row["budget"])
+    return ("timing", models, row["context_tokens"], row["variant"], row["budget"], row.get("run", 0))
 
 
 def main(args) -> int:
-    prof, variants = resolve(args)
+    prof = resolve(args)
     out = Path(prof.out)
     runs = out / "runs.jsonl"
     if not args.report:
-        measure(prof, variants, runs)
+        measure(prof, runs, args.threads, args.only)
     rows = report.build(runs, out, args.profile)
     print(report.table(rows))
     return 0
 
 
-def measure(prof: Profile, variants: list, runs: Path) -> None:
+def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None) -> None:
     draft = prof.draft or registry.default_model("draft")
     target = prof.target or registry.default_model("target")
     models = {"draft": draft, "target": target}
-    done = _done(runs)
-    timed = [(v, b) for v in variants for b in ([0] if v == "full" else prof.timed.get(v, prof.budgets))]
-    prompts = [(t, s) for s in range(prof.samples) for t in prof.tasks]
-    bar = tqdm(total=len(prof.contexts) * (len(prompts) + len(timed)), desc="bench", unit="run", dynamic_ncols=True)
+    done = {_key(row) for row in report.load_runs(runs)}
+    prompts = [(t, s) for s in range(prof.samples) for t in prof.tasks] if only != "timing" else []
+    # budgets beyond the profile's are not timed
+    timed = [(v, b) for v in prof.variants for b in prof.timed.get(v, []) if b == 0 or b in prof.budgets]
+    runs_each = prof.timing_runs if only != "answers" else 0
+    bar = tqdm(total=len(prof.contexts) * (len(prompts) + len(timed) * runs_each), desc="bench", unit="run",
+               dynamic_ncols=True)
     for context in prof.contexts:
-        with SpecSession(draft=draft, target=target, progress=False) as session:
-            for task_name, seed in prompts:
-                base = {"kind": "answer", "models": models, "context_tokens": context, "task": task_name,
-                        "seed": seed}
-                todo = [(v, b) for v in variants for b in ([0] if v == "full" else prof.budgets)
-                        if _key({**base, "variant": v, "budget": b}) not in done]
-                if todo:
-                    bar.set_postfix_str(f"{task_name} @ {context}")
-                    answer_prompt(session, base, todo, runs)
+        if prompts:
+            with SpecSession(draft=draft, target=target, n_threads=threads, progress=False) as session:
+                for task_name, seed in prompts:
+                    base = {"kind": "answer", "models": models, "context_tokens": context, "task": task_name,
+                            "seed": seed}
+                    todo = [(v, b) for v in prof.variants for b in ([0] if v in BUDGETLESS else prof.budgets)
+                            if _key({**base, "variant": v, "budget": b}) not in done]
+                    if todo:
+                        bar.set_postfix_str(f"{task_name} #{seed} @ {context}")
+                        answer_prompt(session, base, todo, runs)
+                    bar.update()
+        # end-to-end timing runs, each in a fresh process once the models are
+        # released here; run r of every variant before run r + 1 of any
+        for run in range(runs_each):
+            for variant, budget in timed:
+                row = {"kind": "timing", "models": models, "context_tokens": context, "variant": variant,
+                       "budget": budget, "run": run, "task": prof.tasks[0], "seed": 0}
+                if _key(row) not in done:
+                    bar.set_postfix_str(f"time {variant} {budget} @ {context} (run {run + 1})")
+                    row.update(time_one(draft, target, variant, budget or 10**9, context, prof.tasks[0], threads))
+                    append_result(runs, row)
                 bar.update()
-        # end-to-end timing runs, each in a fresh process, once the models are released here
-        for variant, budget in timed:
-            row = {"kind": "timing", "models": models, "context_tokens": context, "variant": variant,
-                   "budget": budget, "task": prof.tasks[0], "seed": 0}
-            if _key(row) not in done:
-                bar.set_postfix_str(f"time {variant} {budget} @ {context}")
-                row.update(time_one(draft, target, variant, budget or 10**9, context, prof.tasks[0]))
-                append_result(runs, row)
-            bar.update()
     bar.close()
 
 
@@ -152,25 +201,28 @@ def answer_prompt(session, base: dict, todo: list, runs: Path) -> None:
     forks = PromptForks(session, tokens, protected, task.max_tokens, variants=list(dict.fromkeys(v for v, _ in todo)))
     try:
         for variant, budget in todo:
-            text, cells = forks.answer(variant, budget or len(tokens))
+            text, cells, bytes_per_cell = forks.answer(variant, budget or len(tokens))
             append_result(runs, {**base, "variant": variant, "budget": budget, "prompt_tokens": len(tokens),
                                  "expected": task.expected, "answer": text, "score": task.score(text),
-                                 "kv_cells": cells, "target_kv_bytes": cells * session.target.kv_bytes_per_token})
+                                 "kv_cells": cells, "target_kv_bytes": cells * bytes_per_cell})
     finally:
         forks.close()
 
 
-def time_one(draft: str, target: str, variant: str, budget: int, context: int, task: str) -> dict:
+def time_one(draft: str, target: str, variant: str, budget: int, context: int, task: str, threads: int = 0) -> dict:
     cmd = [sys.executable, "-m", "pyspec_gguf.bench.single", "--draft", draft, "--target", target,
-           "--method", variant, "--budget", str(budget), "--tokens", str(context), "--task", task]
+           "--method", variant, "--budget", str(budget), "--tokens", str(context), "--task", task,
+           "--threads", str(threads)]
     if variant == "specpc":
         cmd.append("--floor")
+    # the machine's load as the run starts: what else was running shows here
+    load = os.getloadavg()[0]
     # run outside any source tree, so the installed package (with its extension) is imported
     with tempfile.TemporaryDirectory(prefix="pyspec-bench-") as cwd:
         done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ})
     if done.returncode != 0:
         raise RuntimeError(f"timing run failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {"loadavg": load, "threads": threads, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
 def parser() -> argparse.ArgumentParser:
