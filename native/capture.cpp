@@ -7,8 +7,10 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <cmath>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 using std::invalid_argument;
 using std::to_string;
@@ -72,6 +74,10 @@ void psg_capture::disarm() {
     scores.clear();
     buf.clear();
     buf.shrink_to_fit();
+    keys.clear();
+    keys.shrink_to_fit();
+    raw.clear();
+    raw.shrink_to_fit();
 }
 
 void psg_capture::set_ubatch(const psg_kv_cells & kv, const int32_t * pos, int32_t n_tokens) {
@@ -105,7 +111,7 @@ void psg_capture::ubatch_finish() {
     if (seen != expect) {
         throw std::runtime_error("attention capture saw " + to_string(seen) + " of " + to_string(expect) +
                                  " attention tensors" +
-                                 (error.empty() ? " (is flash attention off?)" : ": " + error));
+                                 (error.empty() ? "" : ": " + error));
     }
 }
 
@@ -143,12 +149,74 @@ static int32_t softmax_layer(const ggml_tensor * t) {
     return (int32_t) il;
 }
 
+// The layer of a flash-attention node, from the name of the query tensor it
+// reads (a view of the post-RoPE `Qcur-<layer>`); -1 for any other node.
+static int32_t flash_layer(const ggml_tensor * t) {
+    if (t->op != GGML_OP_FLASH_ATTN_EXT || t->src[0] == nullptr) {
+        return -1;
+    }
+    const ggml_tensor * q = t->src[0];
+    while (q->view_src != nullptr) {
+        q = q->view_src;
+    }
+    static const char prefix[] = "Qcur-";
+    if (strncmp(q->name, prefix, sizeof(prefix) - 1) != 0) {
+        return -1;
+    }
+    char * end = nullptr;
+    const long il = strtol(q->name + sizeof(prefix) - 1, &end, 10);
+    return end == q->name + sizeof(prefix) - 1 ? -1 : (int32_t) il;
+}
+
+static int32_t attention_layer(const ggml_tensor * t) {
+    const int32_t il = softmax_layer(t);
+    return il >= 0 ? il : flash_layer(t);
+}
+
 bool psg_capture::wants(const ggml_tensor * t) const {
     if (!armed || ubatch_rows.empty()) {
         return false;
     }
-    const int32_t il = softmax_layer(t);
+    const int32_t il = attention_layer(t);
     return il >= 0 && il < n_layer && layer_slot[il] >= 0;
+}
+
+int64_t psg_capture::cover_cells(int32_t slot, int64_t n_kv) {
+    // Keys are KV cells; only cells that hold a position carry a score.
+    const std::vector<int32_t> & cell_pos = cells->pos;
+    const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) cell_pos.size());
+    int32_t max_pos = -1;
+    for (int64_t c = 0; c < n_cells; ++c) {
+        max_pos = std::max(max_pos, cell_pos[c]);
+    }
+    if (max_pos + 1 > n_pos) {
+        n_pos = max_pos + 1;
+    }
+    for (auto & per_head : scores[slot]) {
+        if ((int32_t) per_head.size() < n_pos) {
+            per_head.resize(n_pos, 0.0f);
+        }
+    }
+    return n_cells;
+}
+
+void psg_capture::accumulate(std::vector<float> & out, const float * probs, float w, int64_t n_cells) const {
+    const std::vector<int32_t> & cell_pos = cells->pos;
+    if (reduce == PSG_REDUCE_MAX) {
+        for (int64_t c = 0; c < n_cells; ++c) {
+            const int32_t p = cell_pos[c];
+            if (p >= 0) {
+                out[p] = std::max(out[p], w * probs[c]);
+            }
+        }
+    } else {
+        for (int64_t c = 0; c < n_cells; ++c) {
+            const int32_t p = cell_pos[c];
+            if (p >= 0) {
+                out[p] += w * probs[c];
+            }
+        }
+    }
 }
 
 void psg_capture::reduce_tensor(ggml_tensor * t) {
@@ -169,22 +237,7 @@ void psg_capture::reduce_tensor(ggml_tensor * t) {
     }
     const int32_t slot = layer_slot[softmax_layer(t)];
     const int32_t group = n_head / n_head_kv;
-
-    // Keys are KV cells; only cells that hold a position carry a score.
-    const std::vector<int32_t> & cell_pos = cells->pos;
-    const int64_t n_cells = std::min<int64_t>(n_kv, (int64_t) cell_pos.size());
-    int32_t max_pos = -1;
-    for (int64_t c = 0; c < n_cells; ++c) {
-        max_pos = std::max(max_pos, cell_pos[c]);
-    }
-    if (max_pos + 1 > n_pos) {
-        n_pos = max_pos + 1;
-    }
-    for (auto & per_head : scores[slot]) {
-        if ((int32_t) per_head.size() < n_pos) {
-            per_head.resize(n_pos, 0.0f);
-        }
-    }
+    const int64_t n_cells = cover_cells(slot, n_kv);
 
     // Read each run of consecutive observation rows of one head in one copy.
     const bool rows_packed = t->nb[1] == (size_t) n_kv * sizeof(float);
@@ -209,28 +262,141 @@ void psg_capture::reduce_tensor(ggml_tensor * t) {
             ggml_backend_tensor_get(t, buf.data(), offset, (size_t) (n_run * n_kv) * sizeof(float));
             std::vector<float> & out = scores[slot][h / group];
             for (int64_t i = 0; i < n_run; ++i) {
-                const float   w   = ubatch_weights[r + i];
-                const float * row = buf.data() + i * n_kv;
-                if (reduce == PSG_REDUCE_MAX) {
-                    for (int64_t c = 0; c < n_cells; ++c) {
-                        const int32_t p = cell_pos[c];
-                        if (p >= 0) {
-                            out[p] = std::max(out[p], w * row[c]);
-                        }
-                    }
-                } else {
-                    for (int64_t c = 0; c < n_cells; ++c) {
-                        const int32_t p = cell_pos[c];
-                        if (p >= 0) {
-                            out[p] += w * row[c];
-                        }
-                    }
-                }
+                accumulate(out, buf.data() + i * n_kv, ubatch_weights[r + i], n_cells);
             }
         }
         n_rows_seen += n_run;
         r = r_end;
     }
+    n_tensors_seen++;
+}
+
+void psg_capture::reduce_flash(ggml_tensor * t, int32_t il) {
+    auto fail = [&](const std::string & why) {
+        if (error.empty()) {
+            error = "flash attention of layer " + to_string(il) + ": " + why;
+        }
+    };
+    const ggml_tensor * q = t->src[0];
+    const ggml_tensor * k = t->src[1];
+    const ggml_tensor * mask = t->src[3];
+    float scale = 0.0f, max_bias = 0.0f, softcap = 0.0f;
+    memcpy(&scale, (const float *) t->op_params + 0, sizeof(float));
+    memcpy(&max_bias, (const float *) t->op_params + 1, sizeof(float));
+    memcpy(&softcap, (const float *) t->op_params + 2, sizeof(float));
+    if (t->src[4] != nullptr) {
+        return fail("attention sinks are not supported");
+    }
+    if (max_bias != 0.0f) {
+        return fail("ALiBi is not supported");
+    }
+    if (q->type != GGML_TYPE_F32 || q->nb[0] != sizeof(float)) {
+        return fail("the queries are not float32");
+    }
+    const int64_t hd = q->ne[0], n_tokens = q->ne[1];
+    if (q->ne[2] != n_head || q->ne[3] != 1 || k->ne[0] != hd || k->ne[2] != n_head_kv || k->ne[3] != 1) {
+        return fail("unexpected query or key shape");
+    }
+    // one token's queries, and one cell's keys, are packed head after head
+    if (q->nb[2] != (size_t) hd * sizeof(float) || k->nb[2] != ggml_row_size(k->type, hd) ||
+        k->nb[1] != k->nb[2] * (size_t) n_head_kv) {
+        return fail("unexpected query or key layout");
+    }
+    const auto * traits = ggml_get_type_traits(k->type);
+    if (k->type != GGML_TYPE_F32 && traits->to_float == nullptr) {
+        return fail(std::string("keys of type ") + ggml_type_name(k->type) + " cannot be read as float");
+    }
+    const int64_t n_kv = k->ne[1];
+    if (mask == nullptr || mask->type != GGML_TYPE_F16 || mask->ne[0] != n_kv || mask->ne[2] != 1 ||
+        mask->ne[3] != 1) {
+        return fail("unexpected mask");
+    }
+    if (ubatch_rows.back() >= n_tokens || ubatch_rows.back() >= mask->ne[1]) {
+        return fail("fewer query rows than the ubatch");
+    }
+    const int32_t slot = layer_slot[il];
+    const int64_t n_cells = cover_cells(slot, n_kv);
+    if (n_cells == 0) {
+        n_tensors_seen++;
+        return;
+    }
+
+    // The cells' keys as float: [cell][kv head][hd].
+    const int64_t n_key = n_cells * n_head_kv * hd;
+    raw.resize((size_t) n_cells * k->nb[1]);
+    ggml_backend_tensor_get(k, raw.data(), 0, raw.size());
+    keys.resize((size_t) n_key);
+    if (k->type == GGML_TYPE_F32) {
+        memcpy(keys.data(), raw.data(), raw.size());
+    } else {
+        traits->to_float(raw.data(), keys.data(), n_key);
+    }
+
+    const int32_t group = n_head / n_head_kv;
+    // ggml divides the scale by the softcap and multiplies tanh by it
+    const float s = softcap != 0.0f ? scale / softcap : scale;
+    std::vector<float> query((size_t) (n_head * hd));
+    std::vector<ggml_fp16_t> mask16((size_t) n_kv);
+    std::vector<float> mask_row((size_t) n_cells);
+    for (size_t i = 0; i < ubatch_rows.size(); ++i) {
+        const int64_t row = ubatch_rows[i];
+        ggml_backend_tensor_get(q, query.data(), (size_t) row * q->nb[1], query.size() * sizeof(float));
+        ggml_backend_tensor_get(mask, mask16.data(), (size_t) row * mask->nb[1], mask16.size() * sizeof(ggml_fp16_t));
+        ggml_fp16_to_fp32_row(mask16.data(), mask_row.data(), n_cells);
+        // KV groups in parallel: each writes only its own scores
+        auto run_groups = [&](int32_t g0, int32_t g1) {
+            std::vector<float> probs((size_t) n_cells);
+            for (int32_t g = g0; g < g1; ++g) {
+                for (int32_t h = g * group; h < (g + 1) * group; ++h) {
+                    const float * qh = query.data() + (size_t) h * hd;
+                    float mx = -INFINITY;
+                    for (int64_t c = 0; c < n_cells; ++c) {
+                        float v = -INFINITY;
+                        if (mask_row[c] != -INFINITY) {
+                            const float * kc = keys.data() + ((size_t) c * n_head_kv + g) * hd;
+                            float dot = 0.0f;
+                            for (int64_t d = 0; d < hd; ++d) {
+                                dot += qh[d] * kc[d];
+                            }
+                            v = dot * s;
+                            if (softcap != 0.0f) {
+                                v = softcap * tanhf(v);
+                            }
+                            v += mask_row[c];
+                        }
+                        probs[c] = v;
+                        mx = std::max(mx, v);
+                    }
+                    if (mx == -INFINITY) {
+                        continue; // a row that sees no cell
+                    }
+                    double sum = 0.0;
+                    for (int64_t c = 0; c < n_cells; ++c) {
+                        probs[c] = probs[c] == -INFINITY ? 0.0f : expf(probs[c] - mx);
+                        sum += probs[c];
+                    }
+                    const float inv = (float) (1.0 / sum);
+                    for (int64_t c = 0; c < n_cells; ++c) {
+                        probs[c] *= inv;
+                    }
+                    accumulate(scores[slot][g], probs.data(), ubatch_weights[i], n_cells);
+                }
+            }
+        };
+        const int32_t n_workers = std::max(1, std::min(n_threads, n_head_kv));
+        if (n_workers == 1) {
+            run_groups(0, n_head_kv);
+        } else {
+            std::vector<std::thread> workers;
+            for (int32_t w = 0; w < n_workers; ++w) {
+                workers.emplace_back(run_groups, n_head_kv * w / n_workers, n_head_kv * (w + 1) / n_workers);
+            }
+            for (auto & w : workers) {
+                w.join();
+            }
+        }
+    }
+    n_rows_seen += (int64_t) ubatch_rows.size();
     n_tensors_seen++;
 }
 
@@ -245,7 +411,12 @@ bool psg_capture_eval_cb(ggml_tensor * t, bool ask, void * user_data) {
     }
     if (cap->wants(t)) {
         const auto t0 = std::chrono::steady_clock::now();
-        cap->reduce_tensor(t);
+        const int32_t il = flash_layer(t);
+        if (il >= 0) {
+            cap->reduce_flash(t, il);
+        } else {
+            cap->reduce_tensor(t);
+        }
         cap->reduce_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
     return true;

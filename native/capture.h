@@ -1,5 +1,9 @@
-// Attention capture: reduces llama.cpp's `kq_soft_max-<layer>` tensors, as the
-// eval callback sees them, into one score per (layer, KV head, key position).
+// Attention capture: one score per (layer, KV head, key position) from the
+// eval callback. With flash attention off llama.cpp computes the softmax
+// (`kq_soft_max-<layer>`) and the observation rows are read from it; with it
+// on there is no softmax tensor, so the flash-attention node's own inputs
+// (post-RoPE queries, the layer's cached keys, the mask) are read and the
+// observation rows' softmax is computed here, the same reductions after.
 #pragma once
 
 #include "kv_cells.h"
@@ -21,6 +25,7 @@ struct psg_capture {
     int32_t n_layer   = 0;
     int32_t n_head    = 0;
     int32_t n_head_kv = 0;
+    int32_t n_threads = 1; // for the flash-attention path's own softmax
 
     // what is armed
     bool                               armed = false;
@@ -45,6 +50,8 @@ struct psg_capture {
     std::string error;            // first problem seen inside the callback
 
     std::vector<float> buf;       // scratch for rows read from the backend
+    std::vector<float> keys;      // the flash-attention path's keys, as float
+    std::vector<uint8_t> raw;     // and as the cache stores them
 
     // Checks the request (std::invalid_argument), then arms: scores start at zero.
     void arm(const std::vector<int32_t> & layer_ids, const std::vector<int32_t> & positions,
@@ -61,6 +68,14 @@ struct psg_capture {
     void ubatch_discard();
     bool wants(const ggml_tensor * t) const;
     void reduce_tensor(ggml_tensor * t);
+    // The flash-attention path: a FLASH_ATTN_EXT node of layer `il`.
+    void reduce_flash(ggml_tensor * t, int32_t il);
+    // Adds one row of attention probabilities over the KV cells into the
+    // slot's per-head scores, as `reduce` says.
+    void accumulate(std::vector<float> & out, const float * probs, float w, int64_t n_cells) const;
+    // Makes room for the positions the cells hold; returns how many cells
+    // (columns) carry a position.
+    int64_t cover_cells(int32_t slot, int64_t n_kv);
 
     // Scores so far as [layer slot][KV head][position], flat, and the number of
     // query rows reduced; resets both to zero and stays armed.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <thread>
 
 using std::invalid_argument;
 using std::runtime_error;
@@ -54,6 +55,8 @@ psg_context::psg_context(psg_model * model, const psg_context_params & p) : owne
     capture->n_layer = owner->n_layer();
     capture->n_head = owner->n_head();
     capture->n_head_kv = owner->n_head_kv();
+    capture->n_threads = params.n_threads > 0 ? params.n_threads
+                                              : (int32_t) std::max(1u, std::thread::hardware_concurrency());
     ctx = create(params.n_ctx);
     owner->n_open_contexts++;
     // llama.cpp may round n_ctx up and cap the batch sizes to it
@@ -234,10 +237,6 @@ int32_t psg_context::sample() {
 void psg_context::capture_arm(const vector<int32_t> & layers, const vector<int32_t> & positions,
                               const vector<float> & weights, int32_t reduce) {
     check_open();
-    if (params.flash_attn != "off") {
-        throw invalid_argument("attention capture needs a context created with flash_attn='off' "
-                               "(with flash attention llama.cpp computes no softmax tensor)");
-    }
     if (per_head) {
         throw invalid_argument("attention capture cannot map columns to positions once the KV cache holds "
                                "per-head sets");

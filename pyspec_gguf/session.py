@@ -100,12 +100,20 @@ class SpecSession:
             specs); the registry's default pair when omitted. draft=None with
             target given loads no draft (methods that need one will refuse).
         n_threads, n_batch, n_ubatch, n_gpu_layers: passed to llama.cpp.
+        flash_attn: "off", "on" or "auto" (llama.cpp decides per backend),
+            for every context of both models. Attention capture works
+            either way: with it off the softmax llama.cpp computes is read,
+            with it on the observation rows' softmax is computed from the
+            queries and the cached keys.
     """
 
     def __init__(self, draft: Optional[str] = "", target: Optional[str] = None, n_threads: int = 0,
-                 n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0, progress: bool = True):
+                 n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0, flash_attn: str = "off",
+                 progress: bool = True):
+        if flash_attn not in ("off", "on", "auto"):
+            raise ValueError(f"flash_attn must be 'off', 'on' or 'auto', not {flash_attn!r}")
         self.context_options = {"n_threads": n_threads or default_threads(), "n_batch": n_batch,
-                                "n_ubatch": n_ubatch}
+                                "n_ubatch": n_ubatch, "flash_attn": flash_attn}
         self.target = Model(target or registry.default_model("target"), n_gpu_layers=n_gpu_layers,
                             progress=progress)
         self.draft = None

@@ -6,8 +6,9 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 
-def capture_once(model, tokens, layers, queries, reduce="max", weights=None, n_ubatch=512, n_batch=512):
-    with model.context(n_ctx=512, n_batch=n_batch, n_ubatch=n_ubatch) as ctx:
+def capture_once(model, tokens, layers, queries, reduce="max", weights=None, n_ubatch=512, n_batch=512,
+                 flash_attn="off"):
+    with model.context(n_ctx=512, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn) as ctx:
         ctx.capture_arm(np.array(layers, np.int32), np.array(queries, np.int32),
                         None if weights is None else np.array(weights, np.float32), reduce)
         ctx.prefill(tokens)
@@ -153,7 +154,50 @@ def test_nothing_asked_while_not_armed(small, prose):
         assert ctx.capture_n_asked == 2
 
 
-def test_capture_needs_flash_attention_off(small):
-    with small.context(n_ctx=64, flash_attn="on") as ctx:
-        with pytest.raises(ValueError, match="flash_attn='off'"):
-            ctx.capture_arm(np.array([0], np.int32), np.array([0], np.int32), None, "max")
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_flash_attention_capture_matches_the_softmax(small, prose, reduce):
+    """With flash attention on there is no softmax tensor: the capture
+    computes the observation rows' softmax from the queries and the cached
+    keys. Layer 0 reads the same queries and keys either way, so its scores
+    must match the softmax llama.cpp computes with flash attention off; later
+    layers differ only by flash attention's own rounding upstream."""
+    tokens = small.tokenize(prose)[:300]
+    n = len(tokens)
+    layers = list(range(small.n_layer))
+    queries = list(range(n - 40, n))
+    weights = np.linspace(0, 1, len(queries))
+    off, rows_off = capture_once(small, tokens, layers, queries, reduce, weights)
+    on, rows_on = capture_once(small, tokens, layers, queries, reduce, weights, flash_attn="on")
+    assert rows_on == rows_off == len(layers) * len(queries)
+    np.testing.assert_allclose(on[0], off[0], atol=2e-3 * (len(queries) if reduce == "sum" else 1))
+    assert np.abs(on - off).max() < 0.1 * off.max()
+    # the same ranking of the prompt
+    a, b = off.max(axis=(0, 1)), on.max(axis=(0, 1))
+    assert np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1] > 0.99
+
+
+def test_flash_attention_rows_sum_to_one_and_are_causal(small, prose):
+    tokens = small.tokenize(prose)[:200]
+    group = small.n_head // small.n_head_kv
+    layers = list(range(small.n_layer))
+    scores, rows = capture_once(small, tokens, layers, [199], reduce="sum", flash_attn="on")
+    assert rows == len(layers)
+    np.testing.assert_allclose(scores.sum(axis=2), group, rtol=1e-4)
+    scores, _ = capture_once(small, tokens, [0], [100], reduce="sum", flash_attn="on")
+    assert scores[..., 101:].max() == 0.0
+    np.testing.assert_allclose(scores.sum(axis=2), group, rtol=1e-4)
+
+
+def test_flash_attention_capture_whatever_the_ubatch(small, prose):
+    """Layer 0's scores do not depend on how the prompt is cut into ubatches;
+    later layers move a little, since llama.cpp's CPU flash attention takes
+    another (tiled) path for large ubatches."""
+    tokens = small.tokenize(prose)[:300]
+    queries = list(range(236, 300))
+    ref, _ = capture_once(small, tokens, [0, 4], queries, flash_attn="on")
+    for n_batch, n_ubatch in [(512, 32), (64, 7)]:
+        got, rows = capture_once(small, tokens, [0, 4], queries, n_batch=n_batch, n_ubatch=n_ubatch,
+                                 flash_attn="on")
+        assert rows == 2 * len(queries)
+        np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
+        np.testing.assert_allclose(got[1], ref[1], atol=0.05)
