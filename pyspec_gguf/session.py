@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import registry
+from .derive import derived_draft
 from .engine import Model, Sampling, default_threads, iter_text
 from .methods import Method, make_method
 from .passes import STAGES
@@ -100,6 +101,11 @@ class SpecSession:
             specs); the registry's default pair when omitted. draft=None with
             target given loads no draft (methods that need one will refuse).
         n_threads, n_batch, n_ubatch, n_gpu_layers: passed to llama.cpp.
+        draft_quant, draft_layers: a draft built for scoring, made once from
+            the draft's file and cached (`pyspec_gguf.derive`): its weights
+            requantized (e.g. "q4_0", whose CPU kernels prefill fastest) and/or
+            cut to its first `draft_layers` layers (their attention is exactly
+            the full draft's; its drafted tokens are not).
         flash_attn: "off", "on" or "auto" (llama.cpp decides per backend),
             for every context of both models. Attention capture works
             either way: with it off the softmax llama.cpp computes is read,
@@ -109,7 +115,7 @@ class SpecSession:
 
     def __init__(self, draft: Optional[str] = "", target: Optional[str] = None, n_threads: int = 0,
                  n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0, flash_attn: str = "off",
-                 progress: bool = True):
+                 draft_quant: Optional[str] = None, draft_layers: int = 0, progress: bool = True):
         if flash_attn not in ("off", "on", "auto"):
             raise ValueError(f"flash_attn must be 'off', 'on' or 'auto', not {flash_attn!r}")
         self.context_options = {"n_threads": n_threads or default_threads(), "n_batch": n_batch,
@@ -119,8 +125,11 @@ class SpecSession:
         self.draft = None
         try:
             if draft is not None:
-                self.draft = Model(draft or registry.default_model("draft"), n_gpu_layers=n_gpu_layers,
-                                   progress=progress)
+                draft = draft or registry.default_model("draft")
+                if draft_quant or draft_layers:
+                    draft = str(derived_draft(registry.resolve(draft, progress), draft_quant, draft_layers,
+                                              n_threads))
+                self.draft = Model(draft, n_gpu_layers=n_gpu_layers, progress=progress)
                 if self.draft.vocab_fingerprint() != self.target.vocab_fingerprint():
                     raise ValueError(f"the draft ({self.draft.path}) and target ({self.target.path}) tokenizers "
                                      "differ: the draft's token positions would not match the target's")

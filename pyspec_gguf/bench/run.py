@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import registry
+from ..derive import derived_draft
 from ..session import SpecSession
 from . import report
 from .common import append_result
@@ -105,6 +106,10 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", help="draft model (default: the profile's)")
     p.add_argument("--target", help="target model (default: the profile's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off",
+                   help="flash attention in every context (default: off)")
+    p.add_argument("--draft-quant", default=None, metavar="TYPE", help="the draft requantized (cached), e.g. q4_0")
+    p.add_argument("--draft-layers", type=int, default=0, metavar="K", help="the draft cut to its first K layers")
     p.add_argument("--report", action="store_true", help="only rebuild latest.jsonl, the tables and the plots")
 
 
@@ -140,7 +145,7 @@ def resolve(args) -> Profile:
 
 
 def _key(row: dict) -> tuple:
-    models = (row["models"]["draft"], row["models"]["target"])
+    models = (row["models"]["draft"], row["models"]["target"], row["models"].get("flash_attn", "off"))
     if row["kind"] == "answer":
         return ("answer", models, row["context_tokens"], row["task"], row["seed"], row["variant"], row["budget"])
     return ("timing", models, row["context_tokens"], row["variant"], row["budget"], row.get("run", 0))
@@ -151,16 +156,23 @@ def main(args) -> int:
     out = Path(prof.out)
     runs = out / "runs.jsonl"
     if not args.report:
-        measure(prof, runs, args.threads, args.only)
+        measure(prof, runs, args.threads, args.only, args.flash_attn, args.draft_quant, args.draft_layers)
     rows = report.build(runs, out, args.profile)
     print(report.table(rows))
     return 0
 
 
-def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None) -> None:
+def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash_attn: str = "off",
+            draft_quant: str = None, draft_layers: int = 0) -> None:
     draft = prof.draft or registry.default_model("draft")
     target = prof.target or registry.default_model("target")
     models = {"draft": draft, "target": target}
+    if draft_quant or draft_layers:
+        # made once here; the rows name the derived file
+        draft = str(derived_draft(registry.resolve(draft), draft_quant, draft_layers, threads))
+        models["draft"] = Path(draft).name
+    if flash_attn != "off":
+        models["flash_attn"] = flash_attn
     done = {_key(row) for row in report.load_runs(runs)}
     prompts = [(t, s) for s in range(prof.samples) for t in prof.tasks] if only != "timing" else []
     # budgets beyond the profile's are not timed
@@ -170,7 +182,8 @@ def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None) -> No
                dynamic_ncols=True)
     for context in prof.contexts:
         if prompts:
-            with SpecSession(draft=draft, target=target, n_threads=threads, progress=False) as session:
+            with SpecSession(draft=draft, target=target, n_threads=threads, flash_attn=flash_attn,
+                             progress=False) as session:
                 for task_name, seed in prompts:
                     base = {"kind": "answer", "models": models, "context_tokens": context, "task": task_name,
                             "seed": seed}
@@ -188,7 +201,8 @@ def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None) -> No
                        "budget": budget, "run": run, "task": prof.tasks[0], "seed": 0}
                 if _key(row) not in done:
                     bar.set_postfix_str(f"time {variant} {budget} @ {context} (run {run + 1})")
-                    row.update(time_one(draft, target, variant, budget or 10**9, context, prof.tasks[0], threads))
+                    row.update(time_one(draft, target, variant, budget or 10**9, context, prof.tasks[0], threads,
+                                        flash_attn))
                     append_result(runs, row)
                 bar.update()
     bar.close()
@@ -209,10 +223,11 @@ def answer_prompt(session, base: dict, todo: list, runs: Path) -> None:
         forks.close()
 
 
-def time_one(draft: str, target: str, variant: str, budget: int, context: int, task: str, threads: int = 0) -> dict:
+def time_one(draft: str, target: str, variant: str, budget: int, context: int, task: str, threads: int = 0,
+             flash_attn: str = "off") -> dict:
     cmd = [sys.executable, "-m", "pyspec_gguf.bench.single", "--draft", draft, "--target", target,
            "--method", variant, "--budget", str(budget), "--tokens", str(context), "--task", task,
-           "--threads", str(threads)]
+           "--threads", str(threads), "--flash-attn", flash_attn]
     if variant == "specpc":
         cmd.append("--floor")
     # the machine's load as the run starts: what else was running shows here

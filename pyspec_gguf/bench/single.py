@@ -28,11 +28,13 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="niah_single", choices=list(TASKS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off")
     p.add_argument("--floor", action="store_true")
 
 
 def run(args) -> dict:
-    with SpecSession(draft=args.draft, target=args.target, n_threads=args.threads, progress=False) as s:
+    with SpecSession(draft=args.draft, target=args.target, n_threads=args.threads, flash_attn=args.flash_attn,
+                     progress=False) as s:
         task = make_task(args.task, s.target, args.tokens, args.seed)
         r = s.generate(task.messages, method=args.method, budget=args.budget, max_tokens=task.max_tokens)
         st = r.stats

@@ -28,8 +28,24 @@ def add_model_args(parser, max_tokens: int) -> None:
                         help=f"answer length limit (default {max_tokens})")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to a GPU build (-1: all)")
+    add_engine_args(parser)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def add_engine_args(parser) -> None:
+    parser.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off",
+                        help="flash attention in every context (default: off)")
+    parser.add_argument("--draft-quant", default=None, metavar="TYPE",
+                        help="requantize the draft once (cached), e.g. q4_0: a faster prefill on CPUs")
+    parser.add_argument("--draft-layers", type=int, default=0, metavar="K",
+                        help="cut the draft to its first K layers (cached); 0: all")
+
+
+def session_options(args) -> dict:
+    """SpecSession's engine options from the command line."""
+    return {"n_threads": args.threads, "n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn,
+            "draft_quant": args.draft_quant, "draft_layers": args.draft_layers}
 
 
 def parse_budget(text: str):
@@ -64,8 +80,7 @@ def checked_options(args) -> dict:
 
 
 def open_session(args, uses_draft: bool = True) -> SpecSession:
-    return SpecSession(draft=args.draft if uses_draft else None, target=args.target, n_threads=args.threads,
-                       n_gpu_layers=args.n_gpu_layers)
+    return SpecSession(draft=args.draft if uses_draft else None, target=args.target, **session_options(args))
 
 
 def sampling(args) -> Sampling:

@@ -11,7 +11,7 @@ import sys
 
 from ..document import question_protect
 from .ask import add_question_args, build_messages, read_doc
-from .common import checked_options, open_session, progress_bar
+from .common import add_engine_args, checked_options, open_session, progress_bar
 
 
 def add_cli_args(parser) -> None:
@@ -23,6 +23,7 @@ def add_cli_args(parser) -> None:
                         "(default: the registry's target)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to a GPU build (-1: all)")
+    add_engine_args(parser)
 
 
 def main(args) -> int:

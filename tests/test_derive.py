@@ -1,0 +1,80 @@
+"""Drafts built for scoring: a draft cut to its first layers attends exactly
+as the full one below the cut; a requantized one is a working model; both
+are made once, cached with their sha256, and made again when the cache does
+not match its record."""
+
+import json
+
+import numpy as np
+import pytest
+
+import pyspec_gguf
+from pyspec_gguf import SpecSession, registry
+from pyspec_gguf.derive import derived_draft, requantized, truncated
+
+
+@pytest.fixture
+def derived_cache(tmp_path, monkeypatch, small_path):
+    """Derived files go to a fresh cache directory (the source stays in the
+    shared one)."""
+    monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path))
+    return tmp_path / "derived"
+
+
+def _capture(path, tokens, layers):
+    with pyspec_gguf.Model(str(path)) as m, m.context(n_ctx=512) as ctx:
+        ctx.capture_arm(np.array(layers, np.int32), np.arange(len(tokens) - 32, len(tokens), dtype=np.int32), None,
+                        "max")
+        ctx.prefill(tokens)
+        return ctx.capture_take()[0], m.n_layer
+
+
+def test_truncated_draft_attends_as_the_full_one_below_the_cut(small, small_path, derived_cache, prose):
+    cut = truncated(small_path, 6)
+    assert cut.parent == derived_cache and cut.stat().st_size < small_path.stat().st_size
+    tokens = small.tokenize(prose)[:300]
+    full, n_full = _capture(small_path, tokens, list(range(6)))
+    short, n_short = _capture(cut, tokens, list(range(6)))
+    assert (n_full, n_short) == (small.n_layer, 6)
+    np.testing.assert_array_equal(short, full)
+    record = json.loads(cut.with_suffix(".json").read_text())
+    assert record["how"] == {"layers": 6} and record["size"] == cut.stat().st_size
+    assert record["sha256"] == registry.sha256_file(cut)
+    assert record["source_sha256"] == registry.sha256_file(small_path)
+
+
+def test_derived_files_are_reused_and_remade_when_they_do_not_match(small_path, derived_cache):
+    q = requantized(small_path, "q4_0")
+    with pyspec_gguf.Model(str(q)) as m:
+        assert m.n_layer > 0 and len(m.tokenize("hello")) > 0
+    stamp = q.stat().st_mtime_ns
+    assert requantized(small_path, "q4_0") == q and q.stat().st_mtime_ns == stamp  # reused
+    with open(q, "r+b") as f:  # one byte changed: the sha256 no longer matches
+        f.seek(q.stat().st_size - 1)
+        last = f.read(1)
+        f.seek(q.stat().st_size - 1)
+        f.write(bytes([last[0] ^ 0xFF]))
+    assert requantized(small_path, "q4_0") == q
+    assert registry.sha256_file(q) == json.loads(q.with_suffix(".json").read_text())["sha256"]
+    assert not list(derived_cache.glob(".*.part"))
+
+
+def test_bad_derivations_are_refused(small, small_path, derived_cache):
+    with pytest.raises(ValueError, match="quant must be one of"):
+        requantized(small_path, "q3_xx")
+    for layers in (small.n_layer, -1):
+        with pytest.raises(ValueError, match="layers must be in"):
+            truncated(small_path, layers)
+    assert not list(derived_cache.glob("*.gguf"))
+
+
+def test_session_with_a_cut_requantized_draft(small_path, derived_cache):
+    with SpecSession(draft=str(small_path), target=str(small_path), draft_quant="q4_0", draft_layers=12,
+                     progress=False) as s:
+        assert s.draft.path == str(derived_draft(small_path, "q4_0", 12)) and s.draft.n_layer == 12
+        r = s.generate("Name a colour of the sky. " * 30, method="specpc", budget=64, max_tokens=4,
+                       lookahead=1, start_layer=2)
+        assert len(r.kept) == 64
+        # SpecPC reads layers from start_layer up: one past the cut is refused
+        with pytest.raises(ValueError, match="start_layer"):
+            s.generate("Name a colour of the sky. " * 30, method="specpc", budget=64, max_tokens=4, start_layer=12)
