@@ -1,5 +1,7 @@
 #include "capture.h"
 
+#include "attention_rows.h"
+
 #include "ggml-backend.h"
 #include "ggml.h"
 
@@ -321,20 +323,25 @@ void psg_capture::reduce_flash(ggml_tensor * t, int32_t il) {
         return;
     }
 
-    // The cells' keys as float: [cell][kv head][hd].
+    // The cells' keys as float, transposed per KV group: keys[(g * hd + d) * n_cells + c].
     const int64_t n_key = n_cells * n_head_kv * hd;
     raw.resize((size_t) n_cells * k->nb[1]);
     ggml_backend_tensor_get(k, raw.data(), 0, raw.size());
-    keys.resize((size_t) n_key);
+    buf.resize((size_t) n_key);
     if (k->type == GGML_TYPE_F32) {
-        memcpy(keys.data(), raw.data(), raw.size());
+        memcpy(buf.data(), raw.data(), raw.size());
     } else {
-        traits->to_float(raw.data(), keys.data(), n_key);
+        traits->to_float(raw.data(), buf.data(), n_key);
+    }
+    keys.resize((size_t) n_key);
+    for (int64_t c = 0; c < n_cells; ++c) {
+        const float * row = buf.data() + c * n_head_kv * hd;
+        for (int64_t gd = 0; gd < n_head_kv * hd; ++gd) {
+            keys[(size_t) (gd * n_cells + c)] = row[gd];
+        }
     }
 
     const int32_t group = n_head / n_head_kv;
-    // ggml divides the scale by the softcap and multiplies tanh by it
-    const float s = softcap != 0.0f ? scale / softcap : scale;
     std::vector<float> query((size_t) (n_head * hd));
     std::vector<ggml_fp16_t> mask16((size_t) n_kv);
     std::vector<float> mask_row((size_t) n_cells);
@@ -347,39 +354,12 @@ void psg_capture::reduce_flash(ggml_tensor * t, int32_t il) {
         auto run_groups = [&](int32_t g0, int32_t g1) {
             std::vector<float> probs((size_t) n_cells);
             for (int32_t g = g0; g < g1; ++g) {
+                const float * kt = keys.data() + (size_t) g * hd * n_cells;
                 for (int32_t h = g * group; h < (g + 1) * group; ++h) {
-                    const float * qh = query.data() + (size_t) h * hd;
-                    float mx = -INFINITY;
-                    for (int64_t c = 0; c < n_cells; ++c) {
-                        float v = -INFINITY;
-                        if (mask_row[c] != -INFINITY) {
-                            const float * kc = keys.data() + ((size_t) c * n_head_kv + g) * hd;
-                            float dot = 0.0f;
-                            for (int64_t d = 0; d < hd; ++d) {
-                                dot += qh[d] * kc[d];
-                            }
-                            v = dot * s;
-                            if (softcap != 0.0f) {
-                                v = softcap * tanhf(v);
-                            }
-                            v += mask_row[c];
-                        }
-                        probs[c] = v;
-                        mx = std::max(mx, v);
+                    if (psg_attention_row(query.data() + (size_t) h * hd, kt, hd, n_cells, scale, softcap,
+                                          mask_row.data(), probs.data())) {
+                        accumulate(scores[slot][g], probs.data(), ubatch_weights[i], n_cells);
                     }
-                    if (mx == -INFINITY) {
-                        continue; // a row that sees no cell
-                    }
-                    double sum = 0.0;
-                    for (int64_t c = 0; c < n_cells; ++c) {
-                        probs[c] = probs[c] == -INFINITY ? 0.0f : expf(probs[c] - mx);
-                        sum += probs[c];
-                    }
-                    const float inv = (float) (1.0 / sum);
-                    for (int64_t c = 0; c < n_cells; ++c) {
-                        probs[c] *= inv;
-                    }
-                    accumulate(scores[slot][g], probs.data(), ubatch_weights[i], n_cells);
                 }
             }
         };
