@@ -102,22 +102,33 @@ def _quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
 
 
 def _truncate(src: Path, dst: Path, layers: int) -> None:
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFReader
 
     reader = GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    count_key = f"{arch}.block_count"
+    count_key = f"{reader.fields['general.architecture'].contents()}.block_count"
     n_layer = reader.fields[count_key].contents()
     if not 1 <= layers < n_layer:
         raise ValueError(f"layers must be in [1, {n_layer}) for this {n_layer}-layer model, not {layers}")
-    writer = GGUFWriter(dst, arch)
+    copy_gguf(reader, dst, {count_key: layers}, drop=lambda name: _block_at_or_after(name, layers))
+
+
+def copy_gguf(reader, dst: Path, changed: dict, drop=lambda name: False) -> None:
+    """Write the GGUF that `reader` (a gguf.GGUFReader) reads to `dst`, with
+    the metadata values in `changed` (new keys as uint32, float32 or string
+    by their Python type) and without the tensors `drop` names."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    writer = GGUFWriter(dst, reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue  # written by the writer itself
-        value = layers if field.name == count_key else field.contents()
         sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
-    kept = [t for t in reader.tensors if not _block_at_or_after(t.name, layers)]
+        writer.add_key_value(field.name, changed.get(field.name, field.contents()), field.types[0], sub_type=sub_type)
+    for key, value in changed.items():
+        if key not in reader.fields:
+            kind = {int: GGUFValueType.UINT32, float: GGUFValueType.FLOAT32}.get(type(value), GGUFValueType.STRING)
+            writer.add_key_value(key, value, kind)
+    kept = [t for t in reader.tensors if not drop(t.name)]
     for t in kept:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
     writer.write_header_to_file()

@@ -100,13 +100,42 @@ class Model:
     def name(self) -> str:
         return os.path.basename(self.path)
 
+    @property
+    def rope_scaling(self) -> tuple:
+        """(type, factor, original context) of the RoPE scaling the GGUF
+        declares (llama.cpp applies it), or None."""
+        arch = self.meta("general.architecture")
+        kind = self.meta(f"{arch}.rope.scaling.type")
+        try:
+            factor = float(self.meta(f"{arch}.rope.scaling.factor") or 0)
+        except ValueError:
+            factor = 0.0
+        if kind in ("", "none") or factor <= 1.0:
+            return None
+        original = self.meta(f"{arch}.rope.scaling.original_context_length")
+        return kind, factor, int(original) if original.isdigit() else self.n_ctx_train
+
+    @property
+    def context_limit(self) -> int:
+        """The most positions the model attends over as its GGUF declares
+        it: the trained context, or what its RoPE scaling stretches that to
+        (0: not declared)."""
+        scaling = self.rope_scaling
+        if scaling is None:
+            return self.n_ctx_train
+        return max(self.n_ctx_train, int(scaling[2] * scaling[1]))
+
     def check_fits(self, n_tokens: int, what: str) -> None:
-        """Refuse more tokens than the model was trained for: past it the
-        answers degrade silently (llama.cpp only logs a warning)."""
-        limit = self.n_ctx_train
+        """Refuse more tokens than the model was trained for (or its declared
+        RoPE scaling allows): past it the answers degrade silently
+        (llama.cpp only logs a warning)."""
+        limit = self.context_limit
         if limit and n_tokens > limit:
-            raise PromptTooLong(f"{what} needs {n_tokens:,} tokens, more than the {limit:,} that {self.name} was "
-                             "trained for; use a shorter document or a model with a longer context")
+            scaling = self.rope_scaling
+            how = (f"{limit:,} positions its GGUF declares ({scaling[0]} RoPE scaling, ×{scaling[1]:g} of "
+                   f"{scaling[2]:,} trained)" if scaling else f"{limit:,} that it was trained for")
+            raise PromptTooLong(f"{what} needs {n_tokens:,} tokens, more than the {how} in {self.name}; use a "
+                                "shorter document or a model with a longer context")
 
     @property
     def kv_bytes_per_token(self) -> int:

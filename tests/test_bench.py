@@ -182,3 +182,41 @@ def test_targets_are_checked_at_the_longest_context(tmp_path):
            report.targets(report.build(runs, tmp_path, "full"), report.load_runs(runs))}
     assert met["speckv regains >= half of snapkv's loss to full at 256"] is False
     assert met["speckv not below snapkv beyond noise at 256"] is False
+
+
+def test_intervals_and_paired_differences(tmp_path):
+    # eight prompts: speckv finds all that full finds, snapkv loses six
+    full = [1, 1, 1, 1, 1, 1, 0.5, 0]
+    snap = [0, 0, 0, 0, 0, 0, 0.5, 0]
+    rows = [_answer("full", 0, t, s, 800) for t, s in zip("abcdefgh", full)]
+    rows += [_answer("speckv", 256, t, s, 100) for t, s in zip("abcdefgh", full)]
+    rows += [_answer("snapkv", 256, t, s, 100) for t, s in zip("abcdefgh", snap)]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built = {r["method"]: r for r in report.build(runs, tmp_path, "full")}
+    lo, hi = built["full"]["accuracy_ci"]
+    assert lo < built["full"]["accuracy"] < hi and 0 <= lo and hi <= 1
+    lo, hi = built["snapkv"]["accuracy_ci"]
+    assert lo == 0.0 and built["snapkv"]["accuracy"] < hi <= 0.25
+    diffs = {(d["a"], d["b"]): d for d in report.differences(report.load_runs(runs))}
+    assert diffs[("speckv", "full")]["gap"] == 0 and diffs[("speckv", "full")]["verdict"] == "within noise"
+    gap = diffs[("speckv", "snapkv")]
+    assert gap["n"] == 8 and gap["gap"] == pytest.approx(0.75) and gap["lo"] > 0 and gap["verdict"] == "speckv ahead"
+    assert diffs[("snapkv", "full")]["verdict"] == "full ahead"
+    assert "| 8192 | 256 | speckv − snapkv | 8 | +0.750" in (tmp_path / "latest.md").read_text()
+
+
+def test_document_rows_take_each_configurations_latest_run(tmp_path):
+    def turn(config, t, ttft, time, correct=True):
+        return {"config": config, "tokens": 8192, "seed": 0, "turn": t, "ttft_s": ttft, "time": time,
+                "correct": correct}
+    old = [turn("doc_specpc", t, 60.0 if t == 1 else 9.0, "2026-11-30T18:00:0" + str(t)) for t in (1, 2)]
+    new = [turn("doc_specpc", t, 57.0 if t == 1 else 7.5, "2026-11-30T19:00:0" + str(t)) for t in (1, 2)]
+    full = [turn("cold_full", t, 80.0, "2026-11-30T17:00:0" + str(t), correct=t == 1) for t in (1, 2)]
+    (tmp_path / "document.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old + full + [{"config": "disk"}]))
+    (tmp_path / "document-rerun.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new))
+    docs = report.document_rows(tmp_path)
+    assert [(r["config"], r["turn"], r["ttft_s"]) for r in docs] == [
+        ("cold_full", 1, 80.0), ("cold_full", 2, 80.0), ("doc_specpc", 1, 57.0), ("doc_specpc", 2, 7.5)]
+    table = report.document_table(docs)
+    assert "| cold_full | 8192 | 80.0 s | 80.0 s | 1/2 |" in table and "| doc_specpc | 8192 | 57.0 s | 7.5 s | 2/2 |" in table

@@ -78,3 +78,28 @@ def test_session_with_a_cut_requantized_draft(small_path, derived_cache):
         # SpecPC reads layers from start_layer up: one past the cut is refused
         with pytest.raises(ValueError, match="start_layer"):
             s.generate("Name a colour of the sky. " * 30, method="specpc", budget=64, max_tokens=4, start_layer=12)
+
+
+def test_a_declared_rope_scaling_stretches_the_limit(small, small_path, tmp_path):
+    """A prompt beyond the trained context is refused naming the limit; a
+    GGUF that declares RoPE scaling (llama.cpp applies it) is allowed its
+    scaled length, and the refusal says so."""
+    from gguf import GGUFReader
+
+    from pyspec_gguf.derive import copy_gguf
+    from pyspec_gguf.engine import PromptTooLong
+
+    trained = small.n_ctx_train
+    assert small.rope_scaling is None and small.context_limit == trained
+    with pytest.raises(PromptTooLong, match=f"more than the {trained:,} that it was trained for"):
+        small.check_fits(trained + 1, "this prompt")
+    arch = small.meta("general.architecture")
+    scaled = tmp_path / "scaled.gguf"
+    copy_gguf(GGUFReader(small_path), scaled, {f"{arch}.rope.scaling.type": "linear",
+                                               f"{arch}.rope.scaling.factor": 2.0,
+                                               f"{arch}.rope.scaling.original_context_length": trained})
+    with pyspec_gguf.Model(str(scaled)) as m:
+        assert m.rope_scaling == ("linear", 2.0, trained) and m.context_limit == 2 * trained
+        m.check_fits(2 * trained, "this prompt")
+        with pytest.raises(PromptTooLong, match=rf"{2 * trained:,} positions its GGUF declares \(linear RoPE scaling"):
+            m.check_fits(2 * trained + 1, "this prompt")

@@ -422,7 +422,8 @@ def plot(rows: list, out: Path) -> None:
                 ax.set_ylabel(lab)
                 ax.set_title(f"{c} tokens")
                 ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7)
+        if axes[0][-1].get_legend_handles_labels()[0]:
+            axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
