@@ -51,6 +51,19 @@ def append_result(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The JSON lines of a results file; a line cut short by a stop is
+    skipped (its measurement is taken again)."""
+    rows = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 

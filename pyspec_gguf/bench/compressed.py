@@ -16,28 +16,19 @@ and its paired difference from specpc with a 95% interval.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .. import registry
 from ..compress import from_kept
 from ..session import SpecSession
-from .common import append_result, paired_interval, script
+from .common import append_result, paired_interval, read_rows, script
 from .tasks import TASKS, make_task
 
 MARKERS = {"marked": " …", "elided": ""}
 
 
 def _done(path: Path) -> set:
-    done = set()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a stop
-            done.add((r["prompt_tokens_asked"], r["seed"], r["task"], r["budget"]))
-    return done
+    return {(r["prompt_tokens_asked"], r["seed"], r["task"], r["budget"]) for r in read_rows(path)}
 
 
 def main(args) -> None:
@@ -67,7 +58,7 @@ def main(args) -> None:
 
 
 def summary(path: Path, tokens: int, budget: int) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     rows = [r for r in rows if r["prompt_tokens_asked"] == tokens and r["budget"] == budget]
     if not rows:
         return f"no rows at {tokens} tokens, budget {budget}"

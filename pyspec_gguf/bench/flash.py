@@ -15,7 +15,6 @@ the same command later skips what is done.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import numpy as np
 from ..methods import make_method
 from ..pipeline import Analysis
 from ..session import SpecSession
-from .common import append_result, script
+from .common import append_result, read_rows, script
 from .tasks import TASKS, make_task
 
 SETTINGS = ("off", "on")
@@ -76,15 +75,7 @@ def method_scores(session, method, tokens, protected, max_tokens, budgets) -> di
 
 
 def _done(path: Path) -> set:
-    done = set()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            done.add((r["tokens"], r["task"], r["seed"], r["method"]))
-    return done
+    return {(r["tokens"], r["task"], r["seed"], r["method"]) for r in read_rows(path)}
 
 
 def main(args) -> None:
@@ -120,7 +111,7 @@ def main(args) -> None:
 
 
 def summary(args) -> str:
-    rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+    rows = read_rows(Path(args.out))
     lines = ["| tokens | method | prompts | Spearman, min (median) | " +
              " | ".join(f"overlap at {b}, min (median)" for b in args.budgets.split(",")) +
              " | draft prefill s, off → on (median) | target prefill s, off → on (median) |",

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import registry
-from .common import append_result, script
+from .common import append_result, read_rows, script
 
 BUFFER = re.compile(r"(\S+) compute buffer size = +([\d.]+) MiB")
 
@@ -97,7 +97,7 @@ def main(args) -> None:
 
 
 def summary(args) -> str:
-    rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
+    rows = read_rows(Path(args.out))
     lines = ["| model | n_ctx | flash attention | compute buffers MiB | KV MiB | prefill tokens | prefill s | "
              "peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
