@@ -106,7 +106,7 @@ def test_forks_answer_as_generate_does(session, long_tokens):
     try:
         for variant in variants:
             budget = len(tokens) if variant == "full" else 128
-            text, cells = forks.answer(variant, budget)
+            text, cells, _ = forks.answer(variant, budget)
             r = session.generate(tokens, method=variant, budget=budget, max_tokens=8, **options.get(variant, {}))
             assert cells == r.stats.kept_tokens, variant
             assert text == r.text, variant
