@@ -34,8 +34,7 @@ NOT_RUN = {
     'CMAKE_ARGS="-DGGML_CUDA=on" pip install .': "needs the CUDA toolkit",
     'CMAKE_ARGS="-DGGML_METAL=on" pip install .': "needs macOS",
     "pytest": "is CI's own run (.ci/run)",
-    "pyspec-gguf bench --profile full": "takes days on 2 cores; its code path is the quick profile's",
-    "pyspec-gguf bench --profile long": "takes hours; its code path is the quick profile's",
+    "pyspec-gguf bench --profile full": "takes hours; its code path is the quick profile's",
     "pyspec-gguf bench --profile quick": "runs in tests/test_bench.py",
     "pyspec-gguf chat --doc report.pdf --method specpc --budget 1024":
         "interactive; tests/test_document.py drives the same command through stdin on SmolLM2",
