@@ -341,39 +341,45 @@ void psg_capture::reduce_flash(ggml_tensor * t, int32_t il) {
         }
     }
 
+    // Every observation row's queries and mask first, so the KV groups' threads start once per layer.
     const int32_t group = n_head / n_head_kv;
-    std::vector<float> query((size_t) (n_head * hd));
+    const size_t n_rows = ubatch_rows.size();
+    std::vector<float> queries(n_rows * (size_t) (n_head * hd));
+    std::vector<float> masks(n_rows * (size_t) n_cells);
     std::vector<ggml_fp16_t> mask16((size_t) n_kv);
-    std::vector<float> mask_row((size_t) n_cells);
-    for (size_t i = 0; i < ubatch_rows.size(); ++i) {
+    for (size_t i = 0; i < n_rows; ++i) {
         const int64_t row = ubatch_rows[i];
-        ggml_backend_tensor_get(q, query.data(), (size_t) row * q->nb[1], query.size() * sizeof(float));
+        ggml_backend_tensor_get(q, queries.data() + i * (size_t) (n_head * hd), (size_t) row * q->nb[1],
+                                (size_t) (n_head * hd) * sizeof(float));
         ggml_backend_tensor_get(mask, mask16.data(), (size_t) row * mask->nb[1], mask16.size() * sizeof(ggml_fp16_t));
-        ggml_fp16_to_fp32_row(mask16.data(), mask_row.data(), n_cells);
-        // KV groups in parallel: each writes only its own scores
-        auto run_groups = [&](int32_t g0, int32_t g1) {
-            std::vector<float> probs((size_t) n_cells);
-            for (int32_t g = g0; g < g1; ++g) {
-                const float * kt = keys.data() + (size_t) g * hd * n_cells;
+        ggml_fp16_to_fp32_row(mask16.data(), masks.data() + i * (size_t) n_cells, n_cells);
+    }
+    // KV groups in parallel: each writes only its own scores, rows in order as the softmax path does
+    auto run_groups = [&](int32_t g0, int32_t g1) {
+        std::vector<float> probs((size_t) n_cells);
+        for (int32_t g = g0; g < g1; ++g) {
+            const float * kt = keys.data() + (size_t) g * hd * n_cells;
+            for (size_t i = 0; i < n_rows; ++i) {
+                const float * query = queries.data() + i * (size_t) (n_head * hd);
                 for (int32_t h = g * group; h < (g + 1) * group; ++h) {
-                    if (psg_attention_row(query.data() + (size_t) h * hd, kt, hd, n_cells, scale, softcap,
-                                          mask_row.data(), probs.data())) {
+                    if (psg_attention_row(query + (size_t) h * hd, kt, hd, n_cells, scale, softcap,
+                                          masks.data() + i * (size_t) n_cells, probs.data())) {
                         accumulate(scores[slot][g], probs.data(), ubatch_weights[i], n_cells);
                     }
                 }
             }
-        };
-        const int32_t n_workers = std::max(1, std::min(n_threads, n_head_kv));
-        if (n_workers == 1) {
-            run_groups(0, n_head_kv);
-        } else {
-            std::vector<std::thread> workers;
-            for (int32_t w = 0; w < n_workers; ++w) {
-                workers.emplace_back(run_groups, n_head_kv * w / n_workers, n_head_kv * (w + 1) / n_workers);
-            }
-            for (auto & w : workers) {
-                w.join();
-            }
+        }
+    };
+    const int32_t n_workers = std::max(1, std::min(n_threads, n_head_kv));
+    if (n_workers == 1) {
+        run_groups(0, n_head_kv);
+    } else {
+        std::vector<std::thread> workers;
+        for (int32_t w = 0; w < n_workers; ++w) {
+            workers.emplace_back(run_groups, n_head_kv * w / n_workers, n_head_kv * (w + 1) / n_workers);
+        }
+        for (auto & w : workers) {
+            w.join();
         }
     }
     n_rows_seen += (int64_t) ubatch_rows.size();
