@@ -35,6 +35,8 @@ NOT_RUN = {
     'CMAKE_ARGS="-DGGML_METAL=on" pip install .': "needs macOS",
     "pytest": "is CI's own run (.ci/run)",
     "pyspec-gguf bench --profile full": "takes hours; its code path is the quick profile's",
+    "pyspec-gguf bench --profile long": "takes hours; its code path is the quick profile's",
+    "pyspec-gguf bench --profile scale": "takes hours (a 32K prefill); its code path is the quick profile's",
     "pyspec-gguf bench --profile quick": "runs in tests/test_bench.py",
     "pyspec-gguf chat --doc report.pdf --method specpc --budget 1024":
         "interactive; tests/test_document.py drives the same command through stdin on SmolLM2",
