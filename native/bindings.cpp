@@ -111,6 +111,18 @@ NB_MODULE(_native, m) {
         .def_prop_ro("n_head_kv", &psg_model::n_head_kv)
         .def_prop_ro("n_vocab", &psg_model::n_vocab)
         .def_prop_ro("kv_bytes_per_cell", &psg_model::kv_bytes_per_cell)
+        .def_prop_ro("per_head_rewritable",
+                     [](const psg_model & m) {
+                         m.check_open();
+                         try {
+                             psg_heads_check_model(m.model);
+                             return true;
+                         } catch (const std::invalid_argument &) {
+                             return false;
+                         }
+                     },
+                     "Whether the KV state can be rewritten per head (not recurrent, hybrid, sliding-window or "
+                     "M-RoPE).")
         .def("meta", &psg_model::meta, "key"_a)
         .def("tokenize", [](const psg_model & m, const std::string & text, bool add_special, bool parse_special) {
                  std::vector<int32_t> t = m.tokenize(text, add_special, parse_special);
@@ -283,6 +295,19 @@ NB_MODULE(_native, m) {
              "seq"_a, "keep"_a, "cell_pos"_a, "n_ctx"_a = 0,
              "Per-(layer, KV head) eviction: keep[l, h] lists the positions layer l, KV head h keeps (one length "
              "C for all); the C cells get positions cell_pos; the context is resized to n_ctx (0: as it is).")
+        .def("state_get_kept",
+             [](const psg_context & c, int32_t seq, const i32_array & positions) {
+                 std::vector<int32_t> p = to_vec(positions);
+                 std::vector<uint8_t> out;
+                 {
+                     nb::gil_scoped_release release;
+                     out = c.state_get_kept(seq, p);
+                 }
+                 return to_bytes(out);
+             },
+             "seq"_a, "positions"_a,
+             "The state of `seq` restricted to the cells at `positions`, as seq_keep_positions then state_get "
+             "give it, read whole and cut on the host (one read per row on a device backend).")
         .def_prop_ro("kv_bytes_per_cell", &psg_context::kv_bytes_per_cell)
         .def("kv_bytes", &psg_context::kv_bytes, "seq"_a = 0)
         .def_prop_ro("kv_bytes_allocated", &psg_context::kv_bytes_allocated)

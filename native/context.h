@@ -95,6 +95,11 @@ struct psg_context {
     // Per-(layer, KV head) eviction: state_get, state_rewrite, load_state.
     void keep_per_head(int32_t seq, const psg_keep & keep, const std::vector<int32_t> & cell_pos,
                        uint32_t n_ctx_new);
+    // The state of `seq` restricted to the cells at `positions` (strictly
+    // increasing), as seq_keep_positions then state_get give it, but read
+    // whole and cut on the host: after a scattered keep, a device backend
+    // reads a transposed V one cell range at a time.
+    std::vector<uint8_t> state_get_kept(int32_t seq, const std::vector<int32_t> & positions) const;
 
 private:
     llama_context * create(uint32_t n_ctx) const;

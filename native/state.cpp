@@ -114,3 +114,22 @@ void psg_context::keep_per_head(int32_t seq, const psg_keep & keep, const vector
     load_state(seq, blob, n_ctx_new);
     per_head = true;
 }
+
+vector<uint8_t> psg_context::state_get_kept(int32_t seq, const vector<int32_t> & positions) const {
+    check_open();
+    check_seq(seq);
+    if (positions.empty()) {
+        throw invalid_argument("state_get_kept needs at least one position");
+    }
+    // the same positions in every layer and KV head: one set, and the cells keep their positions
+    const psg_state_shape sh = shape();
+    psg_keep keep;
+    keep.n_layer = (size_t) sh.n_layer;
+    keep.n_head_kv = (size_t) sh.n_head_kv;
+    keep.n_keep = positions.size();
+    keep.pos.reserve(keep.n_layer * keep.n_head_kv * keep.n_keep);
+    for (size_t lh = 0; lh < keep.n_layer * keep.n_head_kv; ++lh) {
+        keep.pos.insert(keep.pos.end(), positions.begin(), positions.end());
+    }
+    return state_rewrite(state_get(seq), keep, positions, seq);
+}

@@ -47,6 +47,8 @@ class Model:
         path = resolve(os.fspath(spec), progress=progress)
         self._native = _native.Model(str(path), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
         self.path = str(path)
+        # its KV cache lives in device memory (a GPU build, layers offloaded)
+        self.kv_on_device = n_gpu_layers != 0 and _native.supports_gpu_offload()
         self._sha256: Optional[str] = None
         self._contexts: weakref.WeakSet = weakref.WeakSet()  # closed ones drop out when collected
 
@@ -138,6 +140,12 @@ class Model:
                                 "shorter document or a model with a longer context")
 
     @property
+    def per_head_rewritable(self) -> bool:
+        """Whether its KV state can be rewritten cell by cell (per head, or
+        cut on the host): not recurrent, hybrid, sliding-window or M-RoPE."""
+        return self._native.per_head_rewritable
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V for one token over all layers (f16 cache)."""
         return self._native.kv_bytes_per_cell
@@ -194,8 +202,9 @@ class Model:
     # -- contexts
     def context(self, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_threads: int = 0,
                 n_seq_max: int = 1, flash_attn: str = "off", type_k: str = "f16", type_v: str = "f16") -> "Context":
-        """A new context. flash_attn: 'off' (needed for attention capture),
-        'on', or 'auto' (llama.cpp decides; on CPU it turns it on).
+        """A new context. flash_attn: 'off' (attention capture reads the
+        softmax), 'on' (capture scores from the queries and cached keys), or
+        'auto' (llama.cpp decides; on CPU it turns it on).
         type_k, type_v: KV cache types (f16, q8_0, q4_0, ...; a quantized V
         needs flash_attn='on')."""
         ctx = Context(self, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,

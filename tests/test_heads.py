@@ -66,6 +66,26 @@ def test_one_set_for_all_heads_equals_native_keep(small, prompt, layout):
     assert _answer(rewritten, prompt[-1]) == _answer(native, prompt[-1])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["-".join(x) for x in LAYOUTS])
+def test_kept_state_cut_on_the_host_equals_llama_cpps(small, prompt, layout):
+    """state_get_kept (the whole state read once, cut on the host) is the
+    state llama.cpp writes after its own removal of the other cells."""
+    n = len(prompt) - 1
+    keep = _kept(n, np.random.default_rng(2), 80)
+    ctx = _context(small, layout)
+    ctx.prefill(prompt[:-1], want="none")
+    cut = ctx.state_get_kept(0, keep)
+    assert ctx.n_cells(0) == n  # the context itself is untouched
+    ctx.seq_keep_positions(0, keep)
+    assert cut == ctx.state_get(0)
+    with pytest.raises(ValueError, match="at least one position"):
+        ctx.state_get_kept(0, np.array([], dtype=np.int32))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ctx.state_get_kept(0, keep[::-1].copy())
+    with pytest.raises(ValueError, match=f"position {n + 3} .* is not in the sequence"):
+        ctx.state_get_kept(0, np.array([keep[0], n + 3], dtype=np.int32))
+
+
 def test_cell_order_per_head_does_not_matter(small, prompt):
     """Cells shuffled differently in every (layer, KV head) give the same
     answer as the native keep. Flash attention off: llama.cpp's attention

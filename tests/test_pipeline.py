@@ -116,6 +116,25 @@ def test_forks_answer_as_generate_does(session, long_tokens):
         forks.close()
 
 
+def test_eviction_cut_on_the_host_answers_alike(session, long_tokens, monkeypatch):
+    """With the target's KV on a device, one-set eviction reads the state
+    once and drops the other cells on the host: the same cells, the same
+    answers as llama.cpp's own removal and compaction."""
+    from pyspec_gguf import passes
+    tokens = long_tokens[:700]
+    methods = ("speckv", "snapkv", "streamingllm")
+    before = [session.generate(tokens, method=m, budget=128, max_tokens=8) for m in methods]
+    routes = []
+    cut_on_host = passes._cut_on_host
+    monkeypatch.setattr(passes, "_cut_on_host", lambda ctx: routes.append(cut_on_host(ctx)) or routes[-1])
+    monkeypatch.setattr(session.target, "kv_on_device", True)
+    after = [session.generate(tokens, method=m, budget=128, max_tokens=8) for m in methods]
+    assert routes == [True] * len(methods)
+    for b, a in zip(before, after):
+        assert np.array_equal(b.kept, a.kept) and b.text == a.text
+        assert b.stats.target_kv_bytes == a.stats.target_kv_bytes
+
+
 def test_documented_api_is_importable():
     for name in ("SpecSession", "Result", "Stats", "make_method"):
         assert hasattr(pyspec_gguf, name)
