@@ -26,6 +26,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-layer", type=int, default=8, help="first captured layer")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--flash-attn", choices=["off", "on"], default="off",
+                   help="on: capture scores the rows from the queries and cached keys")
     p.add_argument("--out", default="bench/results/capture_overhead.jsonl")
 
 
@@ -35,7 +37,7 @@ def main(args) -> dict:
         tokens = model.tokenize(haystack.fit_tokens(model, args.tokens))
         n = len(tokens)
         layers = np.arange(args.start_layer, model.n_layer, dtype=np.int32)
-        options = {"n_threads": args.threads}
+        options = {"n_threads": args.threads, "flash_attn": args.flash_attn}
 
         def prefill(armed: bool) -> float:
             """The draft pass, capturing SpecPC's rows or nothing; seconds of its prefill."""
@@ -61,6 +63,7 @@ def main(args) -> dict:
                       f"{(armed if is_armed else plain)[-1]:.2f} s", flush=True)
         row = {
             "bench": "capture_overhead", "model": Path(model.path).name, "prompt_tokens": n,
+            "flash_attn": args.flash_attn, "threads": args.threads,
             "window": args.window, "layers": [int(layers[0]), int(layers[-1])],
             "prefill_plain_s": summary(plain), "prefill_armed_s": summary(armed),
             "overhead": float(np.median(armed) / np.median(plain) - 1),
