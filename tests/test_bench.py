@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pyspec_gguf.bench import report
+from pyspec_gguf.bench import report, run
 from pyspec_gguf.bench.forks import VARIANTS
 from pyspec_gguf.bench.run import BUDGETLESS
 from pyspec_gguf.bench.tasks import TASKS, make_task
@@ -204,6 +204,37 @@ def test_intervals_and_paired_differences(tmp_path):
     assert gap["n"] == 8 and gap["gap"] == pytest.approx(0.75) and gap["lo"] > 0 and gap["verdict"] == "speckv ahead"
     assert diffs[("snapkv", "full")]["verdict"] == "full ahead"
     assert "| 8192 | 256 | speckv − snapkv | 8 | +0.750" in (tmp_path / "latest.md").read_text()
+
+
+def test_configurations_side_by_side(tmp_path):
+    """Runs with a derived draft or flash attention are their own methods,
+    each compared with the `full` of its flash attention setting; a method
+    that never loads the draft keeps its name whatever the draft."""
+    base = {"draft": "qwen-0.5b", "target": "qwen-1.5b"}
+    cut = {"draft": "qwen2.5-0.5b-q4_k_m.q4_0.L16.gguf", "target": "qwen-1.5b", "flash_attn": "on"}
+    assert report.config_label("specpc", base) == "specpc"
+    assert report.config_label("specpc", cut) == "specpc [draft q4_0 L16, flash on]"
+    assert report.config_label("full", cut) == report.config_label("snapkv", cut).replace("snapkv", "full") \
+        == "full [flash on]"
+    assert report.config_label("speckv", {**base, "draft": "x.L12.gguf"}) == "speckv [draft L12]"
+    rows = [{**_timing("full", 0, 200.0), "models": base}, {**_timing("specpc", 1024, 120.0), "models": base},
+            {**_timing("full", 0, 150.0), "models": cut}, {**_timing("specpc", 1024, 60.0), "models": cut}]
+    rows += [{**_answer(v, b, t, 1.0, 100), "models": m} for v, b in (("full", 0), ("specpc", 1024))
+             for m in (base, cut) for t in "ab"]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built = {r["method"]: r for r in report.build(runs, tmp_path, "full")}
+    assert built["specpc"]["ttft_vs_full"] == pytest.approx(0.6)
+    assert built["specpc [draft q4_0 L16, flash on]"]["ttft_vs_full"] == pytest.approx(0.4)
+    assert built["full [flash on]"]["n_samples"] == 2
+    md = (tmp_path / "latest.md").read_text()
+    assert "| 8192 | 1024 | specpc − full | 2 |" in md
+    assert "| 8192 | 1024 | specpc [draft q4_0 L16, flash on] − full [flash on] | 2 |" in md
+    # the answer of a method without the draft is measured once for any draft
+    other = {**base, "draft": "other"}
+    full, specpc = _answer("full", 0, "a", 1.0, 1), _answer("specpc", 1024, "a", 1.0, 1)
+    assert run._key({**full, "models": base}) == run._key({**full, "models": other})
+    assert run._key({**specpc, "models": base}) != run._key({**specpc, "models": other})
 
 
 def test_document_rows_take_each_configurations_latest_run(tmp_path):

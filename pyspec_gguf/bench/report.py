@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean, median, pstdev
@@ -30,6 +31,24 @@ def load_runs(path: Path) -> list:
             if i != len(lines) - 1:
                 raise ValueError(f"{path}: line {i + 1} is not JSON") from None
     return rows
+
+
+# the variants that never load the draft: a derived draft does not change them
+DRAFT_FREE = ("full", "snapkv", "snapkv@head", "snapkv@token", "streamingllm", "headtail")
+_DERIVED = re.compile(r"\.((?:q\d\w*)(?:\.L\d+)?|L\d+)\.gguf$")
+
+
+def config_label(variant: str, models: dict) -> str:
+    """A method's name in the tables: the variant, and in brackets what its
+    runs changed from the defaults (a derived draft, flash attention), so
+    that one results folder can hold several configurations side by side."""
+    tags = []
+    m = _DERIVED.search(models.get("draft", ""))
+    if m and variant not in DRAFT_FREE:
+        tags.append("draft " + m.group(1).replace(".", " "))
+    if models.get("flash_attn", "off") != "off":
+        tags.append(f"flash {models['flash_attn']}")
+    return f"{variant} [{', '.join(tags)}]" if tags else variant
 
 
 def _ratio(a, b):
@@ -76,6 +95,8 @@ def _timing_summary(ts: list, answer_of) -> dict:
 
 def build(runs: Path, out: Path, profile: str) -> list:
     raw = load_runs(runs)
+    for r in raw:
+        r["variant"] = config_label(r["variant"], r["models"])
     answers = [r for r in raw if r["kind"] == "answer"]
     groups, timings = defaultdict(list), defaultdict(list)
     for r in answers:
@@ -84,13 +105,14 @@ def build(runs: Path, out: Path, profile: str) -> list:
         if r["kind"] == "timing":
             timings[(r["context_tokens"], r["variant"], r["budget"])].append(r)
     commands = sorted({r["command"] for r in raw})
-    models = raw[0]["models"] if raw else {}
     rows = []
     for key in sorted(set(groups) | set(timings)):
         context, variant, budget = key
         rs, ts = groups.get(key, []), timings.get(key, [])
-        full_rs = groups.get((context, "full", 0), [])
-        full_t = _timing_summary(timings.get((context, "full", 0), []), lambda *_: None)
+        models = (rs or ts)[0]["models"]
+        full = config_label("full", models)  # with the same flash attention setting
+        full_rs = groups.get((context, full, 0), [])
+        full_t = _timing_summary(timings.get((context, full, 0), []), lambda *_: None)
         scores = [r["score"] for r in rs]
         lo, hi = bootstrap_interval(scores)
         per_task = defaultdict(list)
@@ -161,9 +183,10 @@ def differences(answers: list) -> list:
     for context in sorted({r["context_tokens"] for r in answers}):
         here = [r for r in answers if r["context_tokens"] == context]
         methods = {r["variant"] for r in here}
+        full_of = {r["variant"]: config_label("full", r["models"]) for r in here}
         for budget in sorted({r["budget"] for r in here} - {0}):
             at = {r["variant"] for r in here if r["budget"] == budget}
-            pairs = [(m, "full") for m in sorted(at) if "full" in methods]
+            pairs = [(m, full_of[m]) for m in sorted(at) if full_of[m] in methods]
             pairs += [(a, b) for a, b in PAIRS if a in at and b in at]
             out += [g for g in (paired_gap(answers, a, b, context, budget) for a, b in pairs) if g]
         if "draft" in methods and "full" in methods:
@@ -347,6 +370,10 @@ def document_table(docs: list) -> str:
     return "\n".join(lines)
 
 
+def _names(rows: list, role: str) -> str:
+    return ", ".join(f"`{name}`" for name in sorted({r["models"].get(role) for r in rows}))
+
+
 def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = ()) -> str:
     if not rows:
         return "No results yet.\n"
@@ -354,7 +381,9 @@ def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = ()) -
     m = r0["machine"]
     cmds = "\n".join(f"    {c}" for c in r0["commands"])
     return (f"# Benchmark\n\n"
-            f"Models: draft `{r0['models'].get('draft')}`, target `{r0['models'].get('target')}`. "
+            f"Models: draft {_names(rows, 'draft')}, target {_names(rows, 'target')}; a method in "
+            f"brackets ran with a derived draft or flash attention, and is compared with the `full` of its "
+            f"flash attention setting. "
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}.\n\nProduced by:\n\n{cmds}\n\n"
             f"Accuracy is RULER's score (fraction of expected strings in the answer), averaged over the prompts "
             f"(every task, every seed), with a 95% bootstrap interval over prompts. TTFT, decode speed and peak RSS "

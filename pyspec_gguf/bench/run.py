@@ -145,7 +145,10 @@ def resolve(args) -> Profile:
 
 
 def _key(row: dict) -> tuple:
-    models = (row["models"]["draft"], row["models"]["target"], row["models"].get("flash_attn", "off"))
+    draft = row["models"]["draft"]
+    if row["kind"] == "answer" and row["variant"] in report.DRAFT_FREE:
+        draft = None  # its answer is the same with any draft: measured once
+    models = (draft, row["models"]["target"], row["models"].get("flash_attn", "off"))
     if row["kind"] == "answer":
         return ("answer", models, row["context_tokens"], row["task"], row["seed"], row["variant"], row["budget"])
     return ("timing", models, row["context_tokens"], row["variant"], row["budget"], row.get("run", 0))
