@@ -208,7 +208,7 @@ def test_intervals_and_paired_differences(tmp_path):
 
 def test_configurations_side_by_side(tmp_path):
     """Runs with a derived draft or flash attention are their own methods,
-    each compared with the `full` of its flash attention setting; a method
+    compared with plain `full` and with their method as it comes; a method
     that never loads the draft keeps its name whatever the draft."""
     base = {"draft": "qwen-0.5b", "target": "qwen-1.5b"}
     cut = {"draft": "qwen2.5-0.5b-q4_k_m.q4_0.L16.gguf", "target": "qwen-1.5b", "flash_attn": "on"}
@@ -225,11 +225,13 @@ def test_configurations_side_by_side(tmp_path):
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     built = {r["method"]: r for r in report.build(runs, tmp_path, "full")}
     assert built["specpc"]["ttft_vs_full"] == pytest.approx(0.6)
-    assert built["specpc [draft q4_0 L16, flash on]"]["ttft_vs_full"] == pytest.approx(0.4)
-    assert built["full [flash on]"]["n_samples"] == 2
+    assert built["specpc [draft q4_0 L16, flash on]"]["ttft_vs_full"] == pytest.approx(0.3)
+    assert built["full [flash on]"]["n_samples"] == 2 and built["full [flash on]"]["ttft_vs_full"] == 0.75
     md = (tmp_path / "latest.md").read_text()
     assert "| 8192 | 1024 | specpc − full | 2 |" in md
-    assert "| 8192 | 1024 | specpc [draft q4_0 L16, flash on] − full [flash on] | 2 |" in md
+    assert "| 8192 | 1024 | specpc [draft q4_0 L16, flash on] − full | 2 |" in md
+    assert "| 8192 | 1024 | specpc [draft q4_0 L16, flash on] − specpc | 2 |" in md
+    assert "| full [flash on] − full | 2 |" in md
     # the answer of a method without the draft is measured once for any draft
     other = {**base, "draft": "other"}
     full, specpc = _answer("full", 0, "a", 1.0, 1), _answer("specpc", 1024, "a", 1.0, 1)

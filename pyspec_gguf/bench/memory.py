@@ -4,6 +4,7 @@ compute buffers llama.cpp allocates for a context, the KV cache, and (with
 
     python -P -m pyspec_gguf.bench.memory --n-ctx 32768 --models draft,target
     python -P -m pyspec_gguf.bench.memory --n-ctx 32768 --models draft --prefill 32000 --threads 1
+    python -P -m pyspec_gguf.bench.memory --n-ctx 32768 --models draft --prefill 32000 --threads 1 --flash on
 
 Flash attention off, llama.cpp materialises each layer's attention scores
 (n_ubatch × n_ctx × heads), which is what the softmax capture reads; on, it
@@ -36,6 +37,7 @@ def add_cli_args(p) -> None:
     p.add_argument("--models", default="draft,target", help="registry roles or model specs, comma-separated")
     p.add_argument("--prefill", type=int, default=0, help="prefill this many prompt tokens with capture armed")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--flash", default="off,on", help="flash attention settings to measure, comma-separated")
     p.add_argument("--out", default="bench/results/memory.jsonl")
     # one measurement, in the process the others start
     p.add_argument("--one", nargs=2, metavar=("MODEL", "FLASH"), help=argparse.SUPPRESS)
@@ -82,9 +84,12 @@ def main(args) -> None:
     if args.one:
         print(json.dumps(measure_one(args.one[0], args.one[1], args.n_ctx, args.prefill, args.threads)))
         return
+    flashes = args.flash.split(",")
+    if not set(flashes) <= {"off", "on", "auto"}:
+        raise SystemExit(f"--flash takes off, on or auto, comma-separated; got {args.flash!r}")
     for spec in args.models.split(","):
         spec = registry.default_model(spec) if spec in ("draft", "target") else spec
-        for flash in ("off", "on"):
+        for flash in flashes:
             cmd = [sys.executable, "-m", "pyspec_gguf.bench.memory", "--one", spec, flash, "--n-ctx",
                    str(args.n_ctx), "--prefill", str(args.prefill), "--threads", str(args.threads)]
             with tempfile.TemporaryDirectory(prefix="pyspec-bench-") as cwd:
