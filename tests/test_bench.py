@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pyspec_gguf.bench import report, run
+from pyspec_gguf.bench import common, report, run
 from pyspec_gguf.bench.forks import VARIANTS
 from pyspec_gguf.bench.run import BUDGETLESS
 from pyspec_gguf.bench.tasks import TASKS, make_task
@@ -253,3 +253,24 @@ def test_document_rows_take_each_configurations_latest_run(tmp_path):
         ("cold_full", 1, 80.0), ("cold_full", 2, 80.0), ("doc_specpc", 1, 57.0), ("doc_specpc", 2, 7.5)]
     table = report.document_table(docs)
     assert "| cold_full | 8192 | 80.0 s | 80.0 s | 1/2 |" in table and "| doc_specpc | 8192 | 57.0 s | 7.5 s | 2/2 |" in table
+
+
+def test_times_of_two_machines_are_never_mixed(tmp_path):
+    """A timing run resumed on another machine times again, and the report
+    takes every time at one context length from one machine (the one with
+    the most runs there)."""
+    fast = {**MACHINE, "llama_system_info": "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | OPENMP = 1 |"}
+    slow = {**MACHINE, "llama_system_info": "CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1 |"}
+    assert common.machine_label(fast).endswith("AVX512") and common.machine_label(slow).endswith("AVX2")
+    rows = [{**_timing("full", 0, 100.0), "machine": fast}, {**_timing("specpc", 1024, 40.0), "machine": fast}]
+    rows += [{**_timing(v, b, t), "machine": slow, "run": run} for run, (v, b, t) in
+             enumerate([("full", 0, 300.0), ("full", 0, 320.0), ("specpc", 1024, 155.0)])]
+    rows = [{**r, "prompt_tokens": 8000, "target_kv_bytes": 1} for r in rows]
+    pair = {"draft": "d", "target": "t"}
+    assert run._key({**rows[0], "models": pair}) != run._key({**rows[0], "models": pair, "machine": slow})
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built = {r["method"]: r for r in report.build(runs, tmp_path, "full")}
+    assert built["full"]["ttft_s"] == 310.0 and built["full"]["ttft_runs"] == 2
+    assert built["specpc"]["ttft_vs_full"] == pytest.approx(0.5)
+    assert built["specpc"]["timing_machine"] == common.machine_label(slow)

@@ -32,6 +32,15 @@ def machine() -> dict:
     }
 
 
+def machine_label(m: dict) -> str:
+    """A machine as its times depend on it: the CPU, its cores and the
+    widest SIMD llama.cpp uses there (one "AMD EPYC" may be AVX2-only or
+    AVX-512). Times from two machines are never mixed in one median."""
+    info = m.get("llama_system_info", "")
+    simd = next((f for f in ("AVX512", "AVX2", "AVX", "NEON") if f"{f} = 1" in info), "no SIMD")
+    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {simd}" + (", GPU" if m.get("gpu_offload") else "")
+
+
 def command() -> str:
     """The command line of this process, as it was typed."""
     main = sys.modules.get("__main__")

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .common import machine, paired_interval
+from .common import machine, machine_label, paired_interval
 
 
 def load_runs(path: Path) -> list:
@@ -93,6 +93,17 @@ def _timing_summary(ts: list, answer_of) -> dict:
     }
 
 
+def _timing_machines(raw: list) -> dict:
+    """Per context length, the machine whose timing runs the report uses:
+    the one with the most runs there, so that every ratio is between runs
+    of one machine."""
+    count = defaultdict(lambda: defaultdict(int))
+    for r in raw:
+        if r["kind"] == "timing":
+            count[r["context_tokens"]][machine_label(r.get("machine", {}))] += 1
+    return {context: max(by, key=by.get) for context, by in count.items()}
+
+
 def build(runs: Path, out: Path, profile: str) -> list:
     raw = load_runs(runs)
     for r in raw:
@@ -101,8 +112,9 @@ def build(runs: Path, out: Path, profile: str) -> list:
     groups, timings = defaultdict(list), defaultdict(list)
     for r in answers:
         groups[(r["context_tokens"], r["variant"], r["budget"])].append(r)
+    timed_on = _timing_machines(raw)
     for r in raw:
-        if r["kind"] == "timing":
+        if r["kind"] == "timing" and machine_label(r.get("machine", {})) == timed_on[r["context_tokens"]]:
             timings[(r["context_tokens"], r["variant"], r["budget"])].append(r)
     commands = sorted({r["command"] for r in raw})
     rows = []
@@ -138,6 +150,7 @@ def build(runs: Path, out: Path, profile: str) -> list:
             "target_kv_bytes": kv if kv is not None else _median([x["target_kv_bytes"] for x in ts]),
             "kv_vs_full": _ratio(kv, kv_full),
             "models": models, "machine": raw[0]["machine"] if raw else machine(), "commands": commands,
+            "timing_machine": timed_on.get(context),
         })
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "latest.jsonl", "w") as f:
@@ -390,7 +403,8 @@ def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = ()) -
             f"Accuracy is RULER's score (fraction of expected strings in the answer), averaged over the prompts "
             f"(every task, every seed), with a 95% bootstrap interval over prompts. TTFT, decode speed and peak RSS "
             f"come from end-to-end runs on the first task's prompt, each in a process of its own, the runs of "
-            f"all methods interleaved: the median, the range and the number of runs (— where not timed); the "
+            f"all methods interleaved, all on one machine for each context length (`timing_machine` in "
+            f"latest.jsonl): the median, the range and the number of runs (— where not timed); the "
             f"ratios to `full` are ratios of medians. Target KV is what the answering model holds when decoding "
             f"starts. Context: requested length (mean prompt tokens).\n\n"
             f"## Accuracy\n\n{accuracy_grid(rows)}\n\n"

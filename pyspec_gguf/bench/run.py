@@ -35,7 +35,7 @@ from .. import registry
 from ..derive import derived_draft
 from ..session import SpecSession
 from . import report
-from .common import append_result
+from .common import append_result, machine, machine_label
 from .forks import VARIANTS, PromptForks
 from .tasks import TASKS, make_task
 
@@ -151,7 +151,10 @@ def _key(row: dict) -> tuple:
     models = (draft, row["models"]["target"], row["models"].get("flash_attn", "off"))
     if row["kind"] == "answer":
         return ("answer", models, row["context_tokens"], row["task"], row["seed"], row["variant"], row["budget"])
-    return ("timing", models, row["context_tokens"], row["variant"], row["budget"], row.get("run", 0))
+    # a timing run counts only on the machine that made it: a run resumed
+    # elsewhere times every run again rather than mix two machines' times
+    return ("timing", models, row["context_tokens"], row["variant"], row["budget"], row.get("run", 0),
+            machine_label(row["machine"]))
 
 
 def main(args) -> int:
@@ -177,6 +180,7 @@ def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash
     if flash_attn != "off":
         models["flash_attn"] = flash_attn
     done = {_key(row) for row in report.load_runs(runs)}
+    here = machine()
     prompts = [(t, s) for s in range(prof.samples) for t in prof.tasks] if only != "timing" else []
     # budgets beyond the profile's are not timed
     timed = [(v, b) for v in prof.variants for b in prof.timed.get(v, []) if b == 0 or b in prof.budgets]
@@ -202,7 +206,7 @@ def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash
             for variant, budget in timed:
                 row = {"kind": "timing", "models": models, "context_tokens": context, "variant": variant,
                        "budget": budget, "run": run, "task": prof.tasks[0], "seed": 0}
-                if _key(row) not in done:
+                if _key({**row, "machine": here}) not in done:
                     bar.set_postfix_str(f"time {variant} {budget} @ {context} (run {run + 1})")
                     row.update(time_one(draft, target, variant, budget or 10**9, context, prof.tasks[0], threads,
                                         flash_attn))
