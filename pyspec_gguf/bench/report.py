@@ -203,10 +203,11 @@ def differences(answers: list) -> list:
             pairs = [(m, "full") for m in sorted(at) if has_full]
             pairs += [(a, b) for a, b in PAIRS if a in at and b in at]
             # a derived draft or flash attention against the same method as it comes
-            pairs += [(m, m.split(" [")[0]) for m in sorted(at) if " [" in m and m.split(" [")[0] in at]
+            pairs += [(m, plain) for m in sorted(at) for plain in [m.split(" [")[0]] if plain != m and plain in at]
             out += [g for g in (paired_gap(answers, a, b, context, budget) for a, b in pairs) if g]
-        budgetless = {r["variant"] for r in here if r["budget"] == 0} - {"full"}
-        out += [g for g in (paired_gap(answers, m, "full", context, 0) for m in sorted(budgetless) if has_full) if g]
+        if has_full:
+            budgetless = sorted({r["variant"] for r in here if r["budget"] == 0} - {"full"})
+            out += [g for g in (paired_gap(answers, m, "full", context, 0) for m in budgetless) if g]
     return out
 
 
