@@ -74,8 +74,8 @@ def test_quick_profile_writes_every_row(quick):
         lo, hi = r["accuracy_ci"]
         assert 0.0 <= lo <= r["accuracy"] <= hi <= 1.0
         assert r["machine"]["cores"] >= 1 and r["models"]["target"] and r["commands"]
-        # timed: every method at 256 (specpc at both budgets), in 2 interleaved runs
-        if r["budget"] in (None, 256) or r["method"] == "specpc":
+        # timed: full, speckv and speckv_pc at 256, specpc at both budgets, in 2 interleaved runs
+        if r["method"] in ("full", "speckv", "speckv_pc") and r["budget"] in (None, 256) or r["method"] == "specpc":
             assert r["ttft_runs"] == 2 and 0 < r["ttft_min_s"] <= r["ttft_s"] <= r["ttft_max_s"], r["method"]
             assert r["peak_rss_bytes"] > 0 and r["decode_tok_s"] > 0 and len(r["loadavg"]) == 2
             # every end-to-end run of each method answered as its shared-prefill fork did

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyspec_gguf import SpecSession, _native
+from pyspec_gguf import SpecSession
 from pyspec_gguf.cli import chat
 from pyspec_gguf.cli.main import build_parser
 from pyspec_gguf.sources import read_html, read_source
@@ -47,17 +47,17 @@ def doc(session, text):
         yield d
 
 
-# On a 2-core AVX2-only EPYC (no AVX-512) SpecKV's scores from the target's
-# cached document differed from a cold prefill's, intermittently and by up
-# to 0.6 at early positions (passing alone, failing under load): a fault to
-# find, not rounding. Strict where it was never seen (AVX-512 machines).
-AVX2_ONLY = "AVX512 = 1" not in _native.llama_system_info()
-speckv_warm_fault = pytest.mark.xfail(AVX2_ONLY, strict=False,
-                                      reason="SpecKV warm scores differ from cold on AVX2-only CPUs, intermittently")
+# SpecKV drafts 8 tokens here, not its default 64: warm and cold are not the
+# same llama.cpp computation (the cached prefix was prefilled in other batch
+# shapes, the last prompt token decoded alone), so the draft's logits differ
+# in the last bits, and a long greedy lookahead can flip at a near-tie (seen
+# on an AVX2-only CPU: 38 drafted tokens equal, the 39th not), after which
+# the drafted rows, and so the scores, differ. The pipeline's claim is the
+# same selection from the same drafted tokens.
+SHORT_LOOKAHEAD = {"lookahead": 8}
 
 # the prompt side, the cascade, the KV side, and `full` from the target's cache
-CASES = [("specpc", {}), ("speckv_pc", {"pc_budget": 600}), pytest.param("speckv", {}, marks=speckv_warm_fault),
-         ("full", {})]
+CASES = [("specpc", {}), ("speckv_pc", {"pc_budget": 600}), ("speckv", SHORT_LOOKAHEAD), ("full", {})]
 
 
 @pytest.mark.parametrize("method,options", CASES)
@@ -98,7 +98,6 @@ def test_conversation_keeps_its_history(session, doc):
     assert doc.messages("x") == [{"role": "user", "content": doc.messages("x")[0]["content"]}]
 
 
-@speckv_warm_fault
 def test_an_interrupted_answer_leaves_no_turn_and_a_sound_cache(session, doc):
     """Ctrl-C during the draft's prefill or during the answer: no turn is
     added, and the next answer still equals a cold one."""
@@ -114,11 +113,11 @@ def test_an_interrupted_answer_leaves_no_turn_and_a_sound_cache(session, doc):
     next(pieces)
     pieces.close()
     assert doc.turns == []
-    for method in ("specpc", "speckv"):
+    for method, options in (("specpc", {}), ("speckv", SHORT_LOOKAHEAD)):
         messages = doc.messages(QUESTION)
-        warm = doc.ask(QUESTION, method=method, budget=300, max_tokens=12)
+        warm = doc.ask(QUESTION, method=method, budget=300, max_tokens=12, **options)
         cold = session.generate(messages, method=method, budget=300, max_tokens=12,
-                                protect_last=doc.protect_last(QUESTION))
+                                protect_last=doc.protect_last(QUESTION), **options)
         assert np.array_equal(warm.kept, cold.kept) and warm.text == cold.text
         doc.forget()
 

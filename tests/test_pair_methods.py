@@ -20,12 +20,14 @@ def short_messages(prose):
     return [{"role": "user", "content": prose[:1200] + "\n\nWhat did the miller's daughter write in?"}]
 
 
-def test_every_method_equals_full_when_nothing_is_dropped(pair, short_messages):
+def test_every_draft_method_equals_full_when_nothing_is_dropped(pair, short_messages):
+    """The methods that read a draft of their own (tests/test_methods.py
+    checks every method with one model as both)."""
     full = pair.generate(short_messages, method="full", max_tokens=8)
-    for name in METHODS:
+    for name, method in METHODS.items():
+        if not method.uses_draft or name == "draft":  # `draft` is another model: its own answer
+            continue
         r = pair.generate(short_messages, method=name, budget=10**6, max_tokens=8)
-        if name == "draft":
-            continue  # another model: its own answer
         assert r.tokens == full.tokens, name
 
 

