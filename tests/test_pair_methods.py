@@ -31,7 +31,9 @@ def test_every_draft_method_equals_full_when_nothing_is_dropped(pair, short_mess
         assert r.tokens == full.tokens, name
 
 
-@pytest.mark.parametrize("method", ["specpc", "speckv"])
+# SpecPC only: SpecKV's target prefill of the whole 4K prompt on the 1.5B
+# costs CI minutes on a 2-core CPU; the benchmark measures SpecKV's accuracy
+@pytest.mark.parametrize("method", ["specpc"])
 def test_needle_found_at_4k_with_budget_512(pair, method):
     task = single_needle(pair.target, 4096, seed=11)
     r = pair.generate(task.messages, method=method, budget=512, max_tokens=16)
