@@ -136,6 +136,44 @@ def test_bad_bench_arguments():
     from pyspec_gguf.cli.main import main
     assert main(["bench", "--tasks", "nope"]) == 2
     assert main(["bench", "--variants", "speckv@layer"]) == 2
+    for option in ("lookahead=1", "specpc.lookahead", "nope.lookahead=1", "specpc.lookahead=0", "specpc.nope=1"):
+        assert main(["bench", "--option", option]) == 2, option
+    # an option for a method that no variant runs would change nothing
+    assert main(["bench", "--variants", "full,snapkv", "--option", "specpc.lookahead=1"]) == 2
+
+
+def test_method_options_name_their_rows():
+    assert run.parse_method_options(["specpc.lookahead=1", "speckv.window=32", "specpc.weighted=false"]) == {
+        "specpc": {"lookahead": 1, "weighted": False}, "speckv": {"window": 32}}
+    options = {"speckv": {"window": 32}}
+    assert run.variant_options(options, "speckv@head") == {"window": 32}
+    assert run.variant_options(options, "snapkv") == {}
+    assert report.config_label("specpc", {}, {"lookahead": 1}) == "specpc [lookahead=1]"
+    assert report.config_label("specpc", {"draft": "x.q4_0.L16.gguf"}, {"lookahead": 1, "window": 8}) == \
+        "specpc [lookahead=1, window=8, draft q4_0 L16]"
+    # rows with other options resume apart from the defaults' rows
+    row = {**_answer("specpc", 1024, "a", 1.0, 1), "models": {"draft": "d", "target": "t"}}
+    assert run._key(row) != run._key({**row, "options": {"lookahead": 1}})
+    assert run._key({**row, "options": {}}) == run._key(row)
+
+
+def test_a_method_option_runs_end_to_end(tmp_path):
+    """Answers and a timing run with an option other than the default: the
+    rows carry it, the timed process ran with it (it answers as the fork),
+    and the report names it beside the method as it comes."""
+    prof = run.Profile(contexts=[512], budgets=[128], tasks=["niah_single"], samples=1, variants=["specpc"],
+                       timed={"specpc": [128]}, timing_runs=1, options={"specpc": {"lookahead": 1}},
+                       draft="smollm2-135m-instruct-q4_1", target="smollm2-135m-instruct-q4_1")
+    runs = tmp_path / "runs.jsonl"
+    run.measure(prof, runs, threads=1)
+    rows = report.load_runs(runs)
+    assert [(r["kind"], r["variant"], r["options"]) for r in rows] == [
+        ("answer", "specpc", {"lookahead": 1}), ("timing", "specpc", {"lookahead": 1})]
+    built = report.build(runs, tmp_path, "quick")
+    assert [r["method"] for r in built] == ["specpc [lookahead=1]"]
+    assert built[0]["ttft_runs"] == 1 and built[0]["timed_answer_matches"] is True
+    run.measure(prof, runs, threads=1)  # resumes: nothing to do
+    assert len(report.load_runs(runs)) == 2
 
 
 MACHINE = {"cpu": "test cpu", "cores": 2, "platform": "test"}

@@ -38,11 +38,12 @@ DRAFT_FREE = ("full", "snapkv", "snapkv@head", "snapkv@token", "streamingllm", "
 _DERIVED = re.compile(r"\.((?:q\d\w*)(?:\.L\d+)?|L\d+)\.gguf$")
 
 
-def config_label(variant: str, models: dict) -> str:
+def config_label(variant: str, models: dict, options: dict = None) -> str:
     """A method's name in the tables: the variant, and in brackets what its
-    runs changed from the defaults (a derived draft, flash attention), so
-    that one results folder can hold several configurations side by side."""
-    tags = []
+    runs changed from the defaults (a derived draft, flash attention, the
+    method's options), so that one results folder can hold several
+    configurations side by side."""
+    tags = [f"{k}={v}" for k, v in sorted((options or {}).items())]
     m = _DERIVED.search(models.get("draft", ""))
     if m and variant not in DRAFT_FREE:
         tags.append("draft " + m.group(1).replace(".", " "))
@@ -107,7 +108,7 @@ def _timing_machines(raw: list) -> dict:
 def build(runs: Path, out: Path, profile: str) -> list:
     raw = load_runs(runs)
     for r in raw:
-        r["variant"] = config_label(r["variant"], r["models"])
+        r["variant"] = config_label(r["variant"], r["models"], r.get("options"))
     answers = [r for r in raw if r["kind"] == "answer"]
     groups, timings = defaultdict(list), defaultdict(list)
     for r in answers:

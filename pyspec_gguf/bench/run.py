@@ -26,13 +26,15 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .. import registry
+from ..cli.common import parse_option
 from ..derive import derived_draft
+from ..methods import make_method
 from ..session import SpecSession
 from . import report
 from .common import append_result, machine, machine_label
@@ -55,6 +57,7 @@ class Profile:
     variants: list
     timed: dict                  # variant -> budgets timed end to end (0 for a budgetless one)
     timing_runs: int = 3         # end-to-end runs of each timed variant, interleaved
+    options: dict = field(default_factory=dict)  # method name -> its options other than the defaults
     draft: str = ""              # registry default
     target: str = ""
     out: str = "bench/results"
@@ -102,6 +105,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", help=f"tasks, comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--samples", type=int, help="prompts per task and context length")
     p.add_argument("--variants", help=f"comma-separated, of: {', '.join(VARIANTS)} (default: the profile's)")
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method's option other than its default, e.g. specpc.lookahead=1 (repeatable; "
+                        "the rows name it, so they resume and report apart from the defaults' rows)")
     p.add_argument("--timing-runs", type=int, help="end-to-end runs of each timed variant (default: the profile's)")
     p.add_argument("--only", choices=["answers", "timing"], help="measure only the accuracy or only the timing side")
     p.add_argument("--draft", help="draft model (default: the profile's)")
@@ -133,16 +139,40 @@ def resolve(args) -> Profile:
     if args.variants:
         prof.variants = _csv(args.variants)
         prof.timed = {v: b for v, b in prof.timed.items() if v in prof.variants}
+    prof.options = parse_method_options(args.option)
     for name in prof.tasks:
         if name not in TASKS:
             raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     for v in prof.variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; variants: {', '.join(VARIANTS)}")
+    unused = set(prof.options) - {v.partition("@")[0] for v in prof.variants}
+    if unused:
+        raise ValueError(f"--option for {', '.join(sorted(unused))}, which no variant runs")
     if (any(b < 1 for b in prof.budgets) or any(c < 64 for c in prof.contexts) or prof.samples < 1
             or prof.timing_runs < 0):
         raise ValueError("budgets must be >= 1, context lengths >= 64, samples >= 1 and timing runs >= 0")
     return prof
+
+
+def parse_method_options(texts: list) -> dict:
+    """["specpc.lookahead=1", ...] -> {"specpc": {"lookahead": 1}}, each
+    method built once with its options so a bad one fails before any run."""
+    options = {}
+    for text in texts:
+        name, dot, rest = text.partition(".")
+        if not dot or not rest:
+            raise ValueError(f"--option takes METHOD.KEY=VALUE, e.g. specpc.lookahead=1, not {text!r}")
+        key, value = parse_option(rest)
+        options.setdefault(name, {})[key] = value
+    for name, opts in options.items():
+        make_method(name, **opts)
+    return options
+
+
+def variant_options(options: dict, variant: str) -> dict:
+    """The options a variant runs with ("speckv@head" takes speckv's)."""
+    return options.get(variant.partition("@")[0], {})
 
 
 def _key(row: dict) -> tuple:
@@ -150,11 +180,12 @@ def _key(row: dict) -> tuple:
     if row["kind"] == "answer" and row["variant"] in report.DRAFT_FREE:
         draft = None  # its answer is the same with any draft: measured once
     models = (draft, row["models"]["target"], row["models"].get("flash_attn", "off"))
+    variant = (row["variant"], tuple(sorted(row.get("options", {}).items())))
     if row["kind"] == "answer":
-        return ("answer", models, row["context_tokens"], row["task"], row["seed"], row["variant"], row["budget"])
+        return ("answer", models, row["context_tokens"], row["task"], row["seed"], variant, row["budget"])
     # a timing run counts only on the machine that made it: a run resumed
     # elsewhere times every run again rather than mix two machines' times
-    return ("timing", models, row["context_tokens"], row["variant"], row["budget"], row.get("run", 0),
+    return ("timing", models, row["context_tokens"], variant, row["budget"], row.get("run", 0),
             machine_label(row["machine"]))
 
 
@@ -196,35 +227,44 @@ def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash
                     base = {"kind": "answer", "models": models, "context_tokens": context, "task": task_name,
                             "seed": seed}
                     todo = [(v, b) for v in prof.variants for b in ([0] if v in BUDGETLESS else prof.budgets)
-                            if _key({**base, "variant": v, "budget": b}) not in done]
+                            if _key({**base, **_named(v, prof.options), "budget": b}) not in done]
                     if todo:
                         bar.set_postfix_str(f"{task_name} #{seed} @ {context}")
-                        answer_prompt(session, base, todo, runs)
+                        answer_prompt(session, base, todo, runs, prof.options)
                     bar.update()
         # end-to-end timing runs, each in a fresh process once the models are
         # released here; run r of every variant before run r + 1 of any
         for run in range(runs_each):
             for variant, budget in timed:
-                row = {"kind": "timing", "models": models, "context_tokens": context, "variant": variant,
+                row = {"kind": "timing", "models": models, "context_tokens": context, **_named(variant, prof.options),
                        "budget": budget, "run": run, "task": prof.tasks[0], "seed": 0}
                 if _key({**row, "machine": here}) not in done:
                     bar.set_postfix_str(f"time {variant} {budget} @ {context} (run {run + 1})")
                     row.update(time_one(draft, target, variant, budget or 10**9, context, prof.tasks[0], threads,
-                                        flash_attn))
+                                        flash_attn, row.get("options")))
                     append_result(runs, row)
                 bar.update()
     bar.close()
 
 
-def answer_prompt(session, base: dict, todo: list, runs: Path) -> None:
+def _named(variant: str, options: dict) -> dict:
+    """A row's variant, with its options where they are not the defaults."""
+    opts = variant_options(options, variant)
+    return {"variant": variant, "options": opts} if opts else {"variant": variant}
+
+
+def answer_prompt(session, base: dict, todo: list, runs: Path, options: dict = None) -> None:
     task = make_task(base["task"], session.target, base["context_tokens"], base["seed"])
     tokens = session.tokenize(task.messages)
     protected = session.protected_positions(tokens, session.template_tail(task.messages, tokens))
-    forks = PromptForks(session, tokens, protected, task.max_tokens, variants=list(dict.fromkeys(v for v, _ in todo)))
+    variants = list(dict.fromkeys(v for v, _ in todo))
+    forks = PromptForks(session, tokens, protected, task.max_tokens, variants=variants,
+                        options={v: variant_options(options or {}, v) for v in variants})
     try:
         for variant, budget in todo:
             text, cells, bytes_per_cell = forks.answer(variant, budget or len(tokens))
-            append_result(runs, {**base, "variant": variant, "budget": budget, "prompt_tokens": len(tokens),
+            append_result(runs, {**base, **_named(variant, options or {}), "budget": budget,
+                                 "prompt_tokens": len(tokens),
                                  "expected": task.expected, "answer": text, "score": task.score(text),
                                  "kv_cells": cells, "target_kv_bytes": cells * bytes_per_cell})
     finally:
@@ -232,10 +272,12 @@ def answer_prompt(session, base: dict, todo: list, runs: Path) -> None:
 
 
 def time_one(draft: str, target: str, variant: str, budget: int, context: int, task: str, threads: int = 0,
-             flash_attn: str = "off") -> dict:
+             flash_attn: str = "off", options: dict = None) -> dict:
     cmd = [sys.executable, "-m", "pyspec_gguf.bench.single", "--draft", draft, "--target", target,
            "--method", variant, "--budget", str(budget), "--tokens", str(context), "--task", task,
            "--threads", str(threads), "--flash-attn", flash_attn]
+    for key, value in (options or {}).items():
+        cmd += ["--option", f"{key}={value}"]
     if variant == "specpc":
         cmd.append("--floor")
     # the machine's load as the run starts: what else was running shows here

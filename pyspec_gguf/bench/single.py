@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli.common import parse_option
 from ..passes import Clock, DraftNeeds, draft_pass, prefill_answer_context
 from ..session import SpecSession
 from .tasks import TASKS, make_task
@@ -29,6 +30,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option other than its default (repeatable)")
     p.add_argument("--floor", action="store_true")
 
 
@@ -36,7 +39,8 @@ def run(args) -> dict:
     with SpecSession(draft=args.draft, target=args.target, n_threads=args.threads, flash_attn=args.flash_attn,
                      progress=False) as s:
         task = make_task(args.task, s.target, args.tokens, args.seed)
-        r = s.generate(task.messages, method=args.method, budget=args.budget, max_tokens=task.max_tokens)
+        options = dict(parse_option(o) for o in args.option)
+        r = s.generate(task.messages, method=args.method, budget=args.budget, max_tokens=task.max_tokens, **options)
         st = r.stats
         row = {"answer": r.text, "score": task.score(r.text), "prompt_tokens": st.prompt_tokens,
                "kept_tokens": st.kept_tokens, "ttft_s": st.ttft_s, "times": st.times,
