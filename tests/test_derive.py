@@ -80,6 +80,21 @@ def test_session_with_a_cut_requantized_draft(small_path, derived_cache):
             s.generate("Name a colour of the sky. " * 30, method="specpc", budget=64, max_tokens=4, start_layer=12)
 
 
+def test_the_draft_method_answers_with_the_draft(small_path, derived_cache, prose):
+    """`method="draft"` is the draft alone: its greedy answer, its KV. Here
+    the draft is the target cut to 6 layers, so the two differ."""
+    with SpecSession(draft=str(small_path), target=str(small_path), draft_layers=6, progress=False) as s:
+        assert s.draft.n_layer == 6 < s.target.n_layer
+        tokens = s.target.tokenize(prose + " What did the miller keep?")
+        with s.draft.context(n_ctx=len(tokens) + 16) as ctx:
+            ctx.prefill(tokens)
+            expected = s.draft.detokenize(list(ctx.generate(8)))
+        drafted = s.generate(tokens, method="draft", max_tokens=8)
+        full = s.generate(tokens, method="full", max_tokens=8)
+    assert drafted.text == expected != full.text
+    assert drafted.stats.target_kv_bytes * 5 == full.stats.target_kv_bytes  # 6 of 30 layers
+
+
 def test_a_declared_rope_scaling_stretches_the_limit(small, small_path, tmp_path):
     """A prompt beyond the trained context is refused naming the limit; a
     GGUF that declares RoPE scaling (llama.cpp applies it) is allowed its

@@ -10,3 +10,4 @@ class DraftOnly(Method):
 
     name: ClassVar[str] = "draft"
     uses_draft: ClassVar[bool] = True
+    answers_with_draft: ClassVar[bool] = True
