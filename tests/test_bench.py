@@ -54,8 +54,10 @@ def test_word_tasks_count_right(small):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    # two tasks at 512 tokens: every variant, budget and timed run of the
+    # profile, at a quarter of its prefill cost
     cmd = [sys.executable, "-m", "pyspec_gguf", "bench", "--profile", "quick", "--out", str(out),
-           "--tasks", "niah_single,variable_tracking"]
+           "--tasks", "niah_single,variable_tracking", "--contexts", "512"]
     done = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, cmd, done.stdout
@@ -69,7 +71,7 @@ def test_quick_profile_writes_every_row(quick):
     assert got == {(v, None) for v in BUDGETLESS} | {(v, b) for v in VARIANTS if v not in BUDGETLESS
                                                      for b in (128, 256)}
     for r in rows:
-        assert r["context_tokens"] == 1024 and r["n_samples"] == 2
+        assert r["context_tokens"] == 512 and r["n_samples"] == 2
         assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_task"]) == {"niah_single", "variable_tracking"}
         lo, hi = r["accuracy_ci"]
         assert 0.0 <= lo <= r["accuracy"] <= hi <= 1.0
@@ -98,7 +100,7 @@ def test_quick_profile_writes_every_row(quick):
     assert [r["run"] for r in timings] == sorted(r["run"] for r in timings)
     table = (out / "latest.md").read_text()
     assert "| speckv@head | 128 |" in table and "Accuracy per task" in table
-    assert "| 1024 (" in stdout
+    assert "| 512 (" in stdout
 
 
 @pytest.mark.bench

@@ -31,12 +31,13 @@ def test_every_draft_method_equals_full_when_nothing_is_dropped(pair, short_mess
         assert r.tokens == full.tokens, name
 
 
-# SpecPC only: SpecKV's target prefill of the whole 4K prompt on the 1.5B
-# costs CI minutes on a 2-core CPU; the benchmark measures SpecKV's accuracy
+# SpecPC only, at 2K tokens: SpecKV's target prefill of the whole prompt on
+# the 1.5B costs CI minutes on a 2-core CPU; the benchmark measures every
+# method's accuracy at 4K and 8K on 40 prompts
 @pytest.mark.parametrize("method", ["specpc"])
-def test_needle_found_at_4k_with_budget_512(pair, method):
-    task = single_needle(pair.target, 4096, seed=11)
-    r = pair.generate(task.messages, method=method, budget=512, max_tokens=16)
-    assert 3900 <= r.stats.prompt_tokens <= 4200
-    assert r.stats.kept_tokens <= 513
+def test_needle_found_at_2k_with_budget_256(pair, method):
+    task = single_needle(pair.target, 2048, seed=11)
+    r = pair.generate(task.messages, method=method, budget=256, max_tokens=16)
+    assert 1900 <= r.stats.prompt_tokens <= 2150
+    assert r.stats.kept_tokens <= 257
     assert task.score(r.text) == 1.0, r.text

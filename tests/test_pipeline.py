@@ -28,12 +28,13 @@ def long_tokens(session, prose):
 
 @pytest.mark.parametrize("method,options", [("speckv", {}), ("speckv_pc", {"pc_budget": 248})])
 def test_no_length_overflows_a_context(session, long_tokens, method, options):
-    """Every prompt length around a 256-cell padding boundary of n_ctx, with
-    the default 64-token lookahead (the cascade's prompt stage starts at 249
-    tokens here): each context is sized from the prompt, the lookahead and
-    the answer, so none runs out of cells. A context sized n + 8, as SpecKV's
-    draft context once was, fails from n = 194 on."""
-    for n in range(236, 263):
+    """Prompt lengths on both sides of a 256-cell padding boundary of n_ctx
+    (every length from 248 to 258), with the default 64-token lookahead (the
+    cascade's prompt stage starts at 249 tokens here): each context is sized
+    from the prompt, the lookahead and the answer, so none runs out of cells.
+    A context sized n + 8, as SpecKV's draft context once was, fails from
+    n = 194 on."""
+    for n in [236, 242, *range(248, 259), 262]:
         r = session.generate(long_tokens[:n], method=method, budget=128, max_tokens=3, **options)
         assert r.stats.prompt_tokens == n
         assert r.kept[-1] == n - 1 and r.stats.kept_tokens == 128 + 1
