@@ -55,7 +55,7 @@ def test_word_tasks_count_right(small):
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # two tasks at 512 tokens: every variant, budget and timed run of the
-    # profile, at a quarter of its prefill cost
+    # profile, on prompts half its length
     cmd = [sys.executable, "-m", "pyspec_gguf", "bench", "--profile", "quick", "--out", str(out),
            "--tasks", "niah_single,variable_tracking", "--contexts", "512"]
     done = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
