@@ -5,13 +5,16 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from pyspec_gguf.bench import common, report, run
+from pyspec_gguf.bench import common, readme, report, run
 from pyspec_gguf.bench.forks import VARIANTS
 from pyspec_gguf.bench.run import BUDGETLESS
 from pyspec_gguf.bench.tasks import TASKS, make_task
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -244,6 +247,52 @@ def test_intervals_and_paired_differences(tmp_path):
     assert gap["n"] == 8 and gap["gap"] == pytest.approx(0.75) and gap["lo"] > 0 and gap["verdict"] == "speckv ahead"
     assert diffs[("snapkv", "full")]["verdict"] == "full ahead"
     assert "| 8192 | 256 | speckv − snapkv | 8 | +0.750" in (tmp_path / "latest.md").read_text()
+
+
+def test_readme_section_says_what_the_pairs_say(tmp_path):
+    """The README's results come from the paired gaps: "ahead" where the
+    interval excludes zero, "within noise" where not, and the rows with
+    fewer prompts say so."""
+    full = [1, 1, 1, 1, 1, 1, 0.5, 0]
+    rows = [_answer("full", 0, t, s, 800) for t, s in zip("abcdefgh", full)]
+    rows += [_answer("speckv", 256, t, s, 100) for t, s in zip("abcdefgh", full)]
+    rows += [_answer("snapkv", 256, t, 0.0, 100) for t in "abcdefgh"]
+    rows += [_answer("specpc", 256, t, s, 100) for t, s in zip("abcdefg", full)]  # one prompt short
+    rows = [{**r, "models": {"draft": "d", "target": "t"}} for r in rows]
+    rows += [{**_answer("specpc", 256, t, 1.0, 100), "models": {"draft": "d.q4_0.L16.gguf", "target": "t"}}
+             for t in "abcdefgh"]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built = report.build(runs, tmp_path, "full")
+    answers = [r for r in report.load_labelled(runs) if r["kind"] == "answer"]
+    text = readme.section(built, answers, prompts_planned=40)
+    assert text.startswith("### 8192 tokens: 8 of 40 prompts")
+    assert "- `speckv` − `snapkv` (8 prompts): speckv ahead at 256 (+0.812 [" in text
+    assert "- `speckv` − `full` (8 prompts): within noise at 256 (+0.000 [+0.000, +0.000])." in text
+    assert "- `snapkv` − `full` (8 prompts): full ahead at 256 (-0.812 [" in text
+    assert "| specpc | 0.929 [" in text and ", n=7 |" in text
+    assert "[draft" not in text  # a derived draft's rows stay in latest.md
+    assert "Time to first token: not measured at this length yet." in text
+    # the README's part between the markers is replaced, the rest kept
+    doc = tmp_path / "README.md"
+    doc.write_text(f"intro\n{readme.BEGIN}\nold\n{readme.END}\nafter\n")
+    readme.update(doc, text)
+    assert readme.current(doc) == text and doc.read_text().startswith("intro\n") and doc.read_text().endswith("after\n")
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results: begin"):
+        readme.update(doc, text)
+
+
+def test_readme_results_are_the_committed_results(tmp_path):
+    """README.md's results section is what `bench --report --readme` builds
+    from the committed runs.jsonl: no figure in it was typed by hand."""
+    runs = ROOT / "bench/results/runs.jsonl"
+    built = report.build(runs, tmp_path, "full")
+    answers = [r for r in report.load_labelled(runs) if r["kind"] == "answer"]
+    prof = run.PROFILES["full"]
+    expected = readme.section(built, answers, len(prof.tasks) * prof.samples)
+    assert readme.current(ROOT / "README.md") == expected, \
+        "README.md's results are stale: run `pyspec-gguf bench --report --readme README.md`"
 
 
 def test_configurations_side_by_side(tmp_path):

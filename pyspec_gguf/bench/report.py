@@ -105,10 +105,16 @@ def _timing_machines(raw: list) -> dict:
     return {context: max(by, key=by.get) for context, by in count.items()}
 
 
-def build(runs: Path, out: Path, profile: str) -> list:
+def load_labelled(runs: Path) -> list:
+    """The rows of runs.jsonl, each variant named as the tables name it."""
     raw = load_runs(runs)
     for r in raw:
         r["variant"] = config_label(r["variant"], r["models"], r.get("options"))
+    return raw
+
+
+def build(runs: Path, out: Path, profile: str) -> list:
+    raw = load_labelled(runs)
     answers = [r for r in raw if r["kind"] == "answer"]
     groups, timings = defaultdict(list), defaultdict(list)
     for r in answers:
@@ -301,12 +307,15 @@ def accuracy_grid(rows: list) -> str:
         n = max((r["n_samples"] for r in rs), default=0)
         lines = [f"| {c} tokens ({n} prompts) | " + " | ".join(f"budget {b}" for b in budgets) + " |",
                  "|---" * (len(budgets) + 1) + "|"]
+        def cell(r):  # a row with fewer prompts than the block's says how many
+            return _ci(r) + (f", n={r['n_samples']}" if r["n_samples"] < n else "")
+
         for r in rs:
             if r["budget"] is None:  # answered once: the same at every budget
-                lines.append(f"| {r['method']} | " + " | ".join(_ci(r) for _ in budgets) + " |")
+                lines.append(f"| {r['method']} | " + " | ".join(cell(r) for _ in budgets) + " |")
         for m in sorted({r["method"] for r in rs if r["budget"] is not None}):
             by = {r["budget"]: r for r in rs if r["method"] == m}
-            lines.append(f"| {m} | " + " | ".join(_ci(by[b]) if b in by else "—" for b in budgets) + " |")
+            lines.append(f"| {m} | " + " | ".join(cell(by[b]) if b in by else "—" for b in budgets) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

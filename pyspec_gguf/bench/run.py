@@ -14,7 +14,8 @@ on the first task's prompt, repeated and interleaved (full, specpc, ...,
 full, specpc, ...) so that the machine's drift hits every method alike; for
 SpecPC also its floor. Every result is appended to runs.jsonl as it comes,
 so an interrupted run resumes where it stopped; latest.jsonl, latest.md and
-the plots are rebuilt from it at the end (or alone with --report). The
+the plots are rebuilt from it at the end (or alone with --report; with
+--readme also the README's results section, `readme.py`). The
 profiles share one results folder, so the report puts them side by side.
 """
 
@@ -36,7 +37,7 @@ from ..cli.common import parse_option
 from ..derive import derived_draft
 from ..methods import make_method
 from ..session import SpecSession
-from . import report
+from . import readme, report
 from .common import append_result, machine, machine_label
 from .forks import VARIANTS, PromptForks
 from .tasks import TASKS, make_task
@@ -118,6 +119,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-quant", default=None, metavar="TYPE", help="the draft requantized (cached), e.g. q4_0")
     p.add_argument("--draft-layers", type=int, default=0, metavar="K", help="the draft cut to its first K layers")
     p.add_argument("--report", action="store_true", help="only rebuild latest.jsonl, the tables and the plots")
+    p.add_argument("--readme", metavar="PATH", help="also rewrite the results section of this README (between "
+                   "its results markers) from the results")
 
 
 def _csv(value, cast=str):
@@ -193,10 +196,15 @@ def main(args) -> int:
     prof = resolve(args)
     out = Path(prof.out)
     runs = out / "runs.jsonl"
+    if args.readme:
+        readme.current(Path(args.readme))  # its markers are there before hours of measuring
     if not args.report:
         measure(prof, runs, args.threads, args.only, args.flash_attn, args.draft_quant, args.draft_layers)
     rows = report.build(runs, out, args.profile)
     print(report.table(rows))
+    if args.readme:
+        answers = [r for r in report.load_labelled(runs) if r["kind"] == "answer"]
+        readme.update(Path(args.readme), readme.section(rows, answers, len(prof.tasks) * prof.samples))
     return 0
 
 
