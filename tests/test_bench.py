@@ -344,6 +344,21 @@ def test_document_rows_take_each_configurations_latest_run(tmp_path):
     assert "| cold_full | 8192 | 80.0 s | 80.0 s | 1/2 |" in table and "| doc_specpc | 8192 | 57.0 s | 7.5 s | 2/2 |" in table
 
 
+def test_machine_records_the_cpu_generation():
+    """Where /proc/cpuinfo gives a CPU family, a benchmark row records it,
+    so that its label tells apart two CPUs sold under one name."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    m = common.machine()
+    if "cpu family" not in text:
+        assert "cpu_family" not in m
+        return
+    family = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("cpu family"))
+    assert m["cpu_family"] == family and f"family {family}" in common.machine_label(m)
+
+
 def test_times_of_two_machines_are_never_mixed(tmp_path):
     """A timing run resumed on another machine times again, and the report
     takes every time at one context length from one machine (the one with
@@ -351,6 +366,9 @@ def test_times_of_two_machines_are_never_mixed(tmp_path):
     fast = {**MACHINE, "llama_system_info": "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | OPENMP = 1 |"}
     slow = {**MACHINE, "llama_system_info": "CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1 |"}
     assert common.machine_label(fast).endswith("AVX512") and common.machine_label(slow).endswith("AVX2")
+    # one model name spans CPU generations: the family and model tell them apart
+    zen2, zen3 = ({**slow, "cpu_family": "23", "cpu_model": "49"}, {**slow, "cpu_family": "25", "cpu_model": "1"})
+    assert len({common.machine_label(m) for m in (slow, zen2, zen3)}) == 3
     rows = [{**_timing("full", 0, 100.0), "machine": fast}, {**_timing("specpc", 1024, 40.0), "machine": fast}]
     rows += [{**_timing(v, b, t), "machine": slow, "run": run} for run, (v, b, t) in
              enumerate([("full", 0, 300.0), ("full", 0, 320.0), ("specpc", 1024, 155.0)])]

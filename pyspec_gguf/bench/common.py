@@ -15,30 +15,48 @@ from pathlib import Path
 from .. import _native
 
 
-def machine() -> dict:
-    cpu = platform.processor()
+def _cpuinfo() -> dict:
+    """The first processor's fields in /proc/cpuinfo (empty off Linux)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            for line in f:
+                if not line.strip():
+                    break  # the first processor ends at its blank line
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return {
+    return fields
+
+
+def machine() -> dict:
+    info = _cpuinfo()
+    m = {
         "platform": platform.platform(),
-        "cpu": cpu,
+        "cpu": info.get("model name", platform.processor()),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),
         "llama_system_info": _native.llama_system_info().strip(),
         "gpu_offload": _native.supports_gpu_offload(),
     }
+    # one model name ("AMD EPYC") covers CPU generations whose times differ
+    if "cpu family" in info:
+        m["cpu_family"], m["cpu_model"] = info["cpu family"], info.get("model", "?")
+    return m
 
 
 def machine_label(m: dict) -> str:
-    """A machine as its times depend on it: the CPU, its cores and the
-    widest SIMD llama.cpp uses there (one "AMD EPYC" may be AVX2-only or
-    AVX-512). Times from two machines are never mixed in one median."""
+    """A machine as its times depend on it: the CPU and its generation
+    (family and model, where recorded), its cores and the widest SIMD
+    llama.cpp uses there (one "AMD EPYC" may be AVX2-only or AVX-512).
+    Times from two machines are never mixed in one median."""
     info = m.get("llama_system_info", "")
     simd = next((f for f in ("AVX512", "AVX2", "AVX", "NEON") if f"{f} = 1" in info), "no SIMD")
-    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {simd}" + (", GPU" if m.get("gpu_offload") else "")
+    cpu = m.get("cpu", "?")
+    if "cpu_family" in m:
+        cpu += f" (family {m['cpu_family']}, model {m.get('cpu_model', '?')})"
+    return f"{cpu}, {m.get('cores', '?')} cores, {simd}" + (", GPU" if m.get("gpu_offload") else "")
 
 
 def command() -> str:
