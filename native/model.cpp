@@ -19,6 +19,29 @@ static void psg_backend_init() {
     }
 }
 
+// Whether the CPU backend would place weights in llama.cpp's AMX buffer.
+// Its matrix kernels crash on some Sapphire Rapids-class machines (the tile
+// configuration is built on the stack and can be optimized away; see
+// llama.cpp issue 20824), so a model loaded where AMX is on offer keeps its
+// weights in plain CPU buffers instead.
+static bool psg_cpu_offers_amx() {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (cpu == nullptr) {
+        return false;
+    }
+    auto extra_bufts = (ggml_backend_dev_get_extra_bufts_t)
+        ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(cpu), "ggml_backend_dev_get_extra_bufts");
+    if (extra_bufts == nullptr) {
+        return false;
+    }
+    for (ggml_backend_buffer_type_t * buft = extra_bufts(cpu); buft != nullptr && *buft != nullptr; ++buft) {
+        if (strcmp(ggml_backend_buft_name(*buft), "AMX") == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
 psg_model::psg_model(const string & path_, int32_t n_gpu_layers, bool use_mmap) : path(path_) {
     std::ifstream f(path, std::ios::binary);
     if (!f) {
@@ -34,6 +57,9 @@ psg_model::psg_model(const string & path_, int32_t n_gpu_layers, bool use_mmap) 
     psg_backend_init();
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = n_gpu_layers;
+    // without the extra buffer types the AVX2 repacking of Q4_0 goes too:
+    // slower on such a machine, but it answers
+    mp.use_extra_bufts = !psg_cpu_offers_amx();
     if (!use_mmap) {
         mp.load_mode = LLAMA_LOAD_MODE_NONE;
     }

@@ -199,7 +199,7 @@ def _timing(variant, budget, ttft, floor=None):
     return row
 
 
-def test_targets_are_checked_at_the_longest_context(tmp_path):
+def test_targets_are_checked_at_the_longest_answered_context(tmp_path):
     # three prompts; speckv finds what full finds, snapkv nothing
     scores = {"full": [1, 1, 0.5], "specpc": [1, 0.5, 0.5], "speckv": [1, 1, 0.5], "snapkv": [0, 0, 0]}
     rows = [_answer(v, 0 if v == "full" else b, t, s[i], 800 if v == "full" else 100)
@@ -217,6 +217,15 @@ def test_targets_are_checked_at_the_longest_context(tmp_path):
     assert met["speckv regains >= half of snapkv's loss to full at 256"] == ("regains 0.833 of 0.833", True)
     assert met["speckv not below snapkv beyond noise at 1024"][1] is True
     assert "| 8192 tokens: speckv regains" in (tmp_path / "latest.md").read_text()
+    # a longer context only timed so far leaves the targets where the answers are
+    # and has no accuracy block of its own
+    timed_32k = {**_timing("full", 0, 900.0), "context_tokens": 32768, "prompt_tokens": 32000, "target_kv_bytes": 3200}
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows + [timed_32k]))
+    checks = report.targets(report.build(runs, tmp_path, "full"), report.load_runs(runs))
+    assert {name.split(": ", 1)[0] for name, _, _ in checks} == {"8192 tokens"}
+    assert dict((name.split(": ", 1)[1], ok) for name, _, ok in checks)["specpc accuracy / full's at 1024 >= 0.9"] is False
+    latest = (tmp_path / "latest.md").read_text()
+    assert "| 8192 tokens (3 prompts) |" in latest and "32768 tokens (" not in latest
     # the other way round it fails, also the paired-noise check
     swapped = [{**r, "variant": {"speckv": "snapkv", "snapkv": "speckv"}.get(r["variant"], r["variant"])}
                for r in rows]
@@ -273,6 +282,7 @@ def test_readme_section_says_what_the_pairs_say(tmp_path):
     assert "| specpc | 0.929 [" in text and ", n=7 |" in text
     assert "[draft" not in text  # a derived draft's rows stay in latest.md
     assert "Time to first token: not measured at this length yet." in text
+    assert "\n\n\n" not in text  # the pair lines and the lines against full are one list
     # the README's part between the markers is replaced, the rest kept
     doc = tmp_path / "README.md"
     doc.write_text(f"intro\n{readme.BEGIN}\nold\n{readme.END}\nafter\n")

@@ -85,10 +85,10 @@ def section(rows: list, answers: list, prompts_planned: int) -> str:
             f"{accuracy_grid(here)}\n\n"
             f"Paired differences (the same prompts; 95% interval of the mean difference; \"ahead\" only where it "
             f"excludes zero):\n\n"
-            + "\n".join(line for line in (comparison(answers, a, b, context, budgets) for a, b in PAIRS) if line)
-            + "\n"
-            + "\n".join(line for line in (comparison(answers, m, "full", context, [0] if m == "draft" else budgets)
-                                          for m in AGAINST_FULL) if line)
+            + "\n".join(line for line in
+                        [comparison(answers, a, b, context, budgets) for a, b in PAIRS]
+                        + [comparison(answers, m, "full", context, [0] if m == "draft" else budgets)
+                           for m in AGAINST_FULL] if line)
             + f"\n\n{timing_table(here)}")
     return "\n\n".join(out) or "No results yet."
 
