@@ -283,6 +283,12 @@ def test_readme_section_says_what_the_pairs_say(tmp_path):
     assert "[draft" not in text  # a derived draft's rows stay in latest.md
     assert "Time to first token: not measured at this length yet." in text
     assert "\n\n\n" not in text  # the pair lines and the lines against full are one list
+    assert "8,100 prompt tokens on average" in text
+    # a method only timed so far, on a prompt of its own, leaves the accuracy prompts' length alone
+    timed = {**_timing("headtail", 1024, 5.0), "prompt_tokens": 8900, "target_kv_bytes": 100, "models": {"draft": "d", "target": "t"}}
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows + [timed]))
+    with_timing = readme.section(report.build(runs, tmp_path, "full"), answers, prompts_planned=40)
+    assert "8,100 prompt tokens on average" in with_timing and "| headtail | 1024 | 5.0 (" in with_timing
     # the README's part between the markers is replaced, the rest kept
     doc = tmp_path / "README.md"
     doc.write_text(f"intro\n{readme.BEGIN}\nold\n{readme.END}\nafter\n")
@@ -391,3 +397,32 @@ def test_times_of_two_machines_are_never_mixed(tmp_path):
     assert built["full"]["ttft_s"] == 310.0 and built["full"]["ttft_runs"] == 2
     assert built["specpc"]["ttft_vs_full"] == pytest.approx(0.5)
     assert built["specpc"]["timing_machine"] == common.machine_label(slow)
+
+
+def test_a_retiming_replaces_the_earlier_sitting(tmp_path, monkeypatch):
+    """`bench --retime` times again what runs.jsonl already holds, and the
+    report then takes those methods' runs from the re-timing on; without it
+    a resumed run skips them."""
+    speed = {"now": 1.0}
+
+    def fake_time_one(draft, target, variant, budget, context, task, threads=0, flash_attn="off", options=None):
+        ttft = (100.0 if variant == "full" else 80.0) * speed["now"]
+        return {"ttft_s": ttft, "decode_tok_s": 10.0, "peak_rss_bytes": 1, "times": {}, "answer": "",
+                "prompt_tokens": 8000, "target_kv_bytes": 1}
+
+    monkeypatch.setattr(run, "time_one", fake_time_one)
+    prof = run.Profile(contexts=[8192], budgets=[1024], tasks=["niah_single"], samples=1,
+                       variants=["full", "specpc", "snapkv"], timed={"full": [0], "specpc": [1024], "snapkv": [1024]},
+                       timing_runs=2, draft="d", target="t")
+    runs = tmp_path / "runs.jsonl"
+    run.measure(prof, runs, only="timing")
+    run.measure(prof, runs, only="timing")  # resumes: nothing left to time
+    assert len(common.read_rows(runs)) == 6
+    speed["now"] = 1.2  # the machine is slower in a later sitting
+    run.measure(run.Profile(**{**prof.__dict__, "variants": ["full", "specpc"]}), runs, only="timing", retime=True)
+    rows = common.read_rows(runs)
+    assert len(rows) == 10 and sum(1 for r in rows if r.get("retime")) == 4
+    built = {r["method"]: r for r in report.build(runs, tmp_path, "full")}
+    assert built["full"]["ttft_s"] == pytest.approx(120.0) and built["full"]["ttft_runs"] == 2
+    assert built["specpc"]["ttft_vs_full"] == pytest.approx(0.8)
+    assert built["snapkv"]["ttft_s"] == pytest.approx(80.0)  # not re-timed: its one sitting stands

@@ -75,7 +75,9 @@ def section(rows: list, answers: list, prompts_planned: int) -> str:
             continue
         n = max(r["n_samples"] for r in here)
         budgets = sorted({r["budget"] for r in here if r["budget"]})
-        prompt_tokens = round(sum(r["prompt_tokens"] for r in here) / len(here))
+        # the accuracy prompts' length: timing-only rows time one prompt of their own
+        answered = [r for r in here if r["n_samples"]]
+        prompt_tokens = round(sum(r["prompt_tokens"] for r in answered) / len(answered))
         models = full["models"]
         out.append(
             f"### {context} tokens: {n} of {prompts_planned} prompts\n\n"

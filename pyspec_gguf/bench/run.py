@@ -111,6 +111,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                         "the rows name it, so they resume and report apart from the defaults' rows)")
     p.add_argument("--timing-runs", type=int, help="end-to-end runs of each timed variant (default: the profile's)")
     p.add_argument("--only", choices=["answers", "timing"], help="measure only the accuracy or only the timing side")
+    p.add_argument("--retime", action="store_true",
+                   help="time the timed variants again even where runs.jsonl holds their runs: the report then "
+                        "takes each one's runs from this sitting on (runs.jsonl keeps the earlier ones)")
     p.add_argument("--draft", help="draft model (default: the profile's)")
     p.add_argument("--target", help="target model (default: the profile's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
@@ -199,7 +202,8 @@ def main(args) -> int:
     if args.readme:
         readme.current(Path(args.readme))  # its markers are there before hours of measuring
     if not args.report:
-        measure(prof, runs, args.threads, args.only, args.flash_attn, args.draft_quant, args.draft_layers)
+        measure(prof, runs, args.threads, args.only, args.flash_attn, args.draft_quant, args.draft_layers,
+                args.retime)
     rows = report.build(runs, out, args.profile)
     print(report.table(rows))
     if args.readme:
@@ -209,7 +213,7 @@ def main(args) -> int:
 
 
 def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash_attn: str = "off",
-            draft_quant: str = None, draft_layers: int = 0) -> None:
+            draft_quant: str = None, draft_layers: int = 0, retime: bool = False) -> None:
     draft = prof.draft or registry.default_model("draft")
     target = prof.target or registry.default_model("target")
     models = {"draft": draft, "target": target}
@@ -246,7 +250,9 @@ def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash
             for variant, budget in timed:
                 row = {"kind": "timing", "models": models, "context_tokens": context, **_named(variant, prof.options),
                        "budget": budget, "run": run, "task": prof.tasks[0], "seed": 0}
-                if _key({**row, "machine": here}) not in done:
+                if retime:
+                    row["retime"] = True
+                if retime or _key({**row, "machine": here}) not in done:
                     bar.set_postfix_str(f"time {variant} {budget} @ {context} (run {run + 1})")
                     row.update(time_one(draft, target, variant, budget or 10**9, context, prof.tasks[0], threads,
                                         flash_attn, row.get("options")))
