@@ -285,7 +285,8 @@ def test_readme_section_says_what_the_pairs_say(tmp_path):
     assert "\n\n\n" not in text  # the pair lines and the lines against full are one list
     assert "8,100 prompt tokens on average" in text
     # a method only timed so far, on a prompt of its own, leaves the accuracy prompts' length alone
-    timed = {**_timing("headtail", 1024, 5.0), "prompt_tokens": 8900, "target_kv_bytes": 100, "models": {"draft": "d", "target": "t"}}
+    timed = {**_timing("headtail", 1024, 5.0), "prompt_tokens": 8900, "target_kv_bytes": 100,
+             "models": {"draft": "d", "target": "t"}}
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows + [timed]))
     with_timing = readme.section(report.build(runs, tmp_path, "full"), answers, prompts_planned=40)
     assert "8,100 prompt tokens on average" in with_timing and "| headtail | 1024 | 5.0 (" in with_timing

@@ -249,9 +249,8 @@ def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash
         for run in range(runs_each):
             for variant, budget in timed:
                 row = {"kind": "timing", "models": models, "context_tokens": context, **_named(variant, prof.options),
-                       "budget": budget, "run": run, "task": prof.tasks[0], "seed": 0}
-                if retime:
-                    row["retime"] = True
+                       "budget": budget, "run": run, "task": prof.tasks[0], "seed": 0,
+                       **({"retime": True} if retime else {})}
                 if retime or _key({**row, "machine": here}) not in done:
                     bar.set_postfix_str(f"time {variant} {budget} @ {context} (run {run + 1})")
                     row.update(time_one(draft, target, variant, budget or 10**9, context, prof.tasks[0], threads,
