@@ -274,7 +274,7 @@ def test_readme_section_says_what_the_pairs_say(tmp_path):
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     built = report.build(runs, tmp_path, "full")
     answers = [r for r in report.load_labelled(runs) if r["kind"] == "answer"]
-    text = readme.section(built, answers, prompts_planned=40)
+    text = readme.section(built, answers, prompts_planned={8192: 40})
     assert text.startswith("### 8192 tokens: 8 of 40 prompts")
     assert "- `speckv` − `snapkv` (8 prompts): speckv ahead at 256 (+0.812 [" in text
     assert "- `speckv` − `full` (8 prompts): within noise at 256 (+0.000 [+0.000, +0.000])." in text
@@ -288,7 +288,8 @@ def test_readme_section_says_what_the_pairs_say(tmp_path):
     timed = {**_timing("headtail", 1024, 5.0), "prompt_tokens": 8900, "target_kv_bytes": 100,
              "models": {"draft": "d", "target": "t"}}
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows + [timed]))
-    with_timing = readme.section(report.build(runs, tmp_path, "full"), answers, prompts_planned=40)
+    with_timing = readme.section(report.build(runs, tmp_path, "full"), answers, prompts_planned={})
+    assert with_timing.startswith("### 8192 tokens: 8 prompts\n")  # none planned at this length
     assert "8,100 prompt tokens on average" in with_timing and "| headtail | 1024 | 5.0 (" in with_timing
     # the README's part between the markers is replaced, the rest kept
     doc = tmp_path / "README.md"
@@ -300,14 +301,22 @@ def test_readme_section_says_what_the_pairs_say(tmp_path):
         readme.update(doc, text)
 
 
+def test_each_length_counts_the_prompts_of_its_own_profile():
+    """The README's "n of N prompts" takes N from the profile that plans that
+    length: 16 at 16K (long), not the full profile's 40."""
+    planned = run.planned_prompts(run.PROFILES["full"])
+    assert planned == {4096: 40, 8192: 40, 16384: 16, 32512: 1}
+    args = run.parser().parse_args(["--profile", "full", "--samples", "2", "--out", "elsewhere"])
+    assert run.planned_prompts(run.resolve(args)) == {4096: 16, 8192: 16}
+
+
 def test_readme_results_are_the_committed_results(tmp_path):
     """README.md's results section is what `bench --report --readme` builds
     from the committed runs.jsonl: no figure in it was typed by hand."""
     runs = ROOT / "bench/results/runs.jsonl"
     built = report.build(runs, tmp_path, "full")
     answers = [r for r in report.load_labelled(runs) if r["kind"] == "answer"]
-    prof = run.PROFILES["full"]
-    expected = readme.section(built, answers, len(prof.tasks) * prof.samples)
+    expected = readme.section(built, answers, run.planned_prompts(run.PROFILES["full"]))
     assert readme.current(ROOT / "README.md") == expected, \
         "README.md's results are stale: run `pyspec-gguf bench --report --readme README.md`"
 

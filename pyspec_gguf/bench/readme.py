@@ -65,8 +65,9 @@ def timing_table(rows: list) -> str:
             f"on {machine}.\n\n" + "\n".join(lines))
 
 
-def section(rows: list, answers: list, prompts_planned: int) -> str:
-    """The README's results, one part per context length with `full` answers."""
+def section(rows: list, answers: list, prompts_planned: dict) -> str:
+    """The README's results, one part per context length with `full` answers;
+    prompts_planned: context length -> the prompts its profile plans."""
     out = []
     for context in sorted({r["context_tokens"] for r in rows}):
         here = [r for r in rows if r["context_tokens"] == context and _plain(r["method"])]
@@ -79,8 +80,9 @@ def section(rows: list, answers: list, prompts_planned: int) -> str:
         answered = [r for r in here if r["n_samples"]]
         prompt_tokens = round(sum(r["prompt_tokens"] for r in answered) / len(answered))
         models = full["models"]
+        of = f" of {prompts_planned[context]}" if context in prompts_planned else ""
         out.append(
-            f"### {context} tokens: {n} of {prompts_planned} prompts\n\n"
+            f"### {context} tokens: {n}{of} prompts\n\n"
             f"Draft `{models.get('draft')}`, target `{models.get('target')}`, {prompt_tokens:,} prompt tokens on average; "
             f"RULER score, mean over prompts [95% bootstrap interval], `n=` where a method has answered fewer "
             f"prompts than the others so far. `full` keeps the whole prompt ({_ci(full)}).\n\n"

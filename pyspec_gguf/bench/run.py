@@ -208,8 +208,15 @@ def main(args) -> int:
     print(report.table(rows))
     if args.readme:
         answers = [r for r in report.load_labelled(runs) if r["kind"] == "answer"]
-        readme.update(Path(args.readme), readme.section(rows, answers, len(prof.tasks) * prof.samples))
+        readme.update(Path(args.readme), readme.section(rows, answers, planned_prompts(prof)))
     return 0
+
+
+def planned_prompts(prof: Profile) -> dict:
+    """Context length -> the prompts planned there by the profiles that share
+    prof's results folder (prof's own tasks and samples for its contexts)."""
+    planned = {c: len(p.tasks) * p.samples for p in PROFILES.values() if p.out == prof.out for c in p.contexts}
+    return {**planned, **{c: len(prof.tasks) * prof.samples for c in prof.contexts}}
 
 
 def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash_attn: str = "off",
