@@ -258,6 +258,28 @@ def test_intervals_and_paired_differences(tmp_path):
     assert "| 8192 | 256 | speckv − snapkv | 8 | +0.750" in (tmp_path / "latest.md").read_text()
 
 
+def test_a_ratio_to_full_from_another_sitting_is_marked(tmp_path):
+    """Methods timed right after `full` share its sitting; one timed after
+    an hour's pause does not, and the tables mark its ratio."""
+    def at(row, end):
+        return {**row, "time": f"2026-12-03T{end}+0000", "generated_tokens": 10, "prompt_tokens": 8000,
+                "target_kv_bytes": 100}
+    rows = [at(_timing("full", 0, 100.0), "10:01:41"),  # 10:00:00–10:01:41 (100 s + 1 s decode)
+            at(_timing("specpc", 1024, 60.0, floor=55.0), "10:03:40"),  # starts 10:01:44
+            at(_timing("full", 0, 100.0), "10:05:30"),
+            at(_timing("speckv_pc", 1024, 70.0), "11:30:00")]  # starts 11:28:49
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_method = {r["method"]: r for r in report.build(runs, tmp_path, "full")}
+    assert by_method["full"]["timed_beside_full"] is True
+    assert by_method["specpc"]["timed_beside_full"] is True
+    assert by_method["speckv_pc"]["timed_beside_full"] is False
+    text = readme.timing_table(list(by_method.values()))
+    assert "| speckv_pc | 1024 | 70.0 (1 run) | 0.70 ‡ |" in text and "| specpc | 1024 | 60.0 (1 run) | 0.60 |" in text
+    assert text.endswith(report.AWAY_FROM_FULL + ".")
+    assert "0.70 ‡" in (tmp_path / "latest.md").read_text()
+
+
 def test_readme_section_says_what_the_pairs_say(tmp_path):
     """The README's results come from the paired gaps: "ahead" where the
     interval excludes zero, "within noise" where not, and the rows with

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import _ci, _fmt, _ttft, accuracy_grid, paired_gap
+from .report import AWAY_FROM_FULL, _ci, _fmt, _ttft, _ttft_vs_full, accuracy_grid, paired_gap
 
 BEGIN = "<!-- results: begin (rebuilt by `pyspec-gguf bench --report --readme README.md`) -->"
 END = "<!-- results: end -->"
@@ -56,13 +56,14 @@ def timing_table(rows: list) -> str:
     lines = ["| method | budget | TTFT s, median (range, runs) | vs full | SpecPC floor s | decode tok/s | "
              "target KV MiB | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in timed:
-        lines.append(f"| {r['method']} | {_fmt(r['budget'], 'd')} | {_ttft(r)} | {_fmt(r['ttft_vs_full'], '.2f')} | "
+        lines.append(f"| {r['method']} | {_fmt(r['budget'], 'd')} | {_ttft(r)} | {_ttft_vs_full(r)} | "
                      f"{_fmt(r['ttft_floor_s'], '.1f')} | {_fmt(r['decode_tok_s'], '.1f')} | "
                      f"{_fmt(r['target_kv_bytes'] / 2**20, '.1f')} | "
                      f"{_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 2**20, '.0f')} |")
     machine = timed[0]["timing_machine"]
+    away = f"\n\n{AWAY_FROM_FULL}." if any(r.get("timed_beside_full") is False for r in timed) else ""
     return (f"Time to first token and memory: end-to-end runs, each in a process of its own, interleaved, "
-            f"on {machine}.\n\n" + "\n".join(lines))
+            f"on {machine}.\n\n" + "\n".join(lines) + away)
 
 
 def section(rows: list, answers: list, prompts_planned: dict) -> str:

@@ -8,6 +8,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from statistics import mean, median, pstdev
 from typing import Optional
@@ -104,6 +105,31 @@ def current_runs(ts: list) -> list:
     return ts[starts[-1]:] if starts else ts
 
 
+# a run that starts within this long of the previous run's end (model
+# loading, the floor's draft pass) belongs to the same sitting
+SITTING_PAUSE_S = 300
+
+
+def sittings(ts: list) -> dict:
+    """id(run) -> the number of its sitting, for the timing runs of one
+    context length and machine: runs that followed each other without a
+    pause. Two methods' times make a ratio side by side only where they
+    share a sitting; rows without a time count as one sitting."""
+    def end(t):
+        return datetime.strptime(t["time"], "%Y-%m-%dT%H:%M:%S%z").timestamp() if "time" in t else 0.0
+
+    def took(t):
+        decode = t.get("generated_tokens", 0) / t["decode_tok_s"] if t.get("decode_tok_s") else 0.0
+        return t["ttft_s"] + t.get("floor", {}).get("floor_s", 0.0) + decode
+
+    out, sitting, prev_end = {}, 0, None
+    for t in sorted(ts, key=end):
+        if prev_end is not None and end(t) - took(t) - prev_end > SITTING_PAUSE_S:
+            sitting += 1
+        out[id(t)], prev_end = sitting, end(t)
+    return out
+
+
 def _timing_machines(raw: list) -> dict:
     """Per context length, the machine whose timing runs the report uses:
     the one with the most runs there, so that every ratio is between runs
@@ -133,6 +159,9 @@ def build(runs: Path, out: Path, profile: str) -> list:
     for r in raw:
         if r["kind"] == "timing" and machine_label(r.get("machine", {})) == timed_on[r["context_tokens"]]:
             timings[(r["context_tokens"], r["variant"], r["budget"])].append(r)
+    sitting_of = {}
+    for context in {key[0] for key in timings}:
+        sitting_of.update(sittings([t for key, ts in timings.items() if key[0] == context for t in ts]))
     timings = {key: current_runs(ts) for key, ts in timings.items()}
     commands = sorted({r["command"] for r in raw})
     rows = []
@@ -143,7 +172,11 @@ def build(runs: Path, out: Path, profile: str) -> list:
         # every configuration against llama.cpp's defaults: on a CPU the
         # faster `full`, so a ratio to it flatters no configuration
         full_rs = groups.get((context, "full", 0), [])
-        full_t = _timing_summary(timings.get((context, "full", 0), []), lambda *_: None)
+        full_runs = timings.get((context, "full", 0), [])
+        full_t = _timing_summary(full_runs, lambda *_: None)
+        # None where either is untimed; False: no run of this one shares a sitting with full's
+        beside_full = (bool({sitting_of[id(t)] for t in ts} & {sitting_of[id(t)] for t in full_runs})
+                       if ts and full_runs else None)
         scores = [r["score"] for r in rs]
         lo, hi = bootstrap_interval(scores)
         per_task = defaultdict(list)
@@ -162,8 +195,8 @@ def build(runs: Path, out: Path, profile: str) -> list:
             "accuracy_vs_full": _ratio(accuracy, mean(r["score"] for r in full_rs) if full_rs else None),
             "per_task": {k: mean(v) for k, v in sorted(per_task.items())},
             **t,
-            "ttft_vs_full": _ratio(t["ttft_s"], full_t["ttft_s"]), "ttft_vs_floor": _ratio(t["ttft_s"],
-                                                                                         t["ttft_floor_s"]),
+            "ttft_vs_full": _ratio(t["ttft_s"], full_t["ttft_s"]), "timed_beside_full": beside_full,
+            "ttft_vs_floor": _ratio(t["ttft_s"], t["ttft_floor_s"]),
             "decode_vs_full": _ratio(t["decode_tok_s"], full_t["decode_tok_s"]),
             "target_kv_bytes": kv if kv is not None else _median([x["target_kv_bytes"] for x in ts]),
             "kv_vs_full": _ratio(kv, kv_full),
@@ -294,6 +327,15 @@ def _ttft(r) -> str:
     return f"{r['ttft_s']:.1f} ({r['ttft_min_s']:.1f}–{r['ttft_max_s']:.1f}, {r['ttft_runs']} runs)"
 
 
+AWAY_FROM_FULL = ("‡ timed in another sitting than `full` (after a pause): its ratio to `full` is not "
+                  "a side-by-side measurement (bench/README.md says how the sittings compare)")
+
+
+def _ttft_vs_full(r) -> str:
+    """The ratio to full's median, marked ‡ where no run of the two shared a sitting."""
+    return _fmt(r["ttft_vs_full"], ".2f") + (" ‡" if r.get("timed_beside_full") is False else "")
+
+
 def table(rows: list) -> str:
     head = ("| context | method | budget | n | accuracy [95% CI] | vs full | TTFT s, median (range, runs) | vs full | "
             "SpecPC floor s | decode tok/s | vs full | target KV MiB | vs full | peak RSS MiB |")
@@ -303,7 +345,7 @@ def table(rows: list) -> str:
         lines.append(
             f"| {r['context_tokens']} ({r['prompt_tokens']}) | {r['method']} | {_fmt(r['budget'], 'd')} | "
             f"{r['n_samples']} | {_ci(r)} | {_fmt(r['accuracy_vs_full'], '.2f')} | {_ttft(r)} | "
-            f"{_fmt(r['ttft_vs_full'], '.2f')} | {_fmt(r['ttft_floor_s'], '.1f')} | "
+            f"{_ttft_vs_full(r)} | {_fmt(r['ttft_floor_s'], '.1f')} | "
             f"{_fmt(r['decode_tok_s'], '.1f')} | {_fmt(r['decode_vs_full'], '.2f')} | "
             f"{_fmt(kv and kv / 2**20, '.1f')} | {_fmt(r['kv_vs_full'], '.3f')} | "
             f"{_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 2**20, '.0f')} |")
@@ -354,7 +396,7 @@ def scale_table(rows: list) -> str:
              "|---|---|---|---|---|---|"]
     for r in sorted(timed, key=lambda r: (r["context_tokens"], SCALED.index(r["method"]))):
         lines.append(f"| {r['context_tokens']} ({r['prompt_tokens']}) | {r['method']} | {_ttft(r)} | "
-                     f"{_fmt(r['ttft_vs_full'], '.2f')} | {_fmt(r['target_kv_bytes'] / 2**20, '.1f')} | "
+                     f"{_ttft_vs_full(r)} | {_fmt(r['target_kv_bytes'] / 2**20, '.1f')} | "
                      f"{_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 2**20, '.0f')} |")
     return "\n".join(lines)
 
@@ -429,7 +471,7 @@ def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = ()) -
             f"come from end-to-end runs on the first task's prompt, each in a process of its own, the runs of "
             f"all methods interleaved, all on one machine for each context length (`timing_machine` in "
             f"latest.jsonl): the median, the range and the number of runs (— where not timed); the "
-            f"ratios to `full` are ratios of medians. Target KV is what the answering model holds when decoding "
+            f"ratios to `full` are ratios of medians; {AWAY_FROM_FULL}. Target KV is what the answering model holds when decoding "
             f"starts. Context: requested length (mean prompt tokens).\n\n"
             f"## Accuracy\n\n{accuracy_grid(rows)}\n\n"
             f"## Differences between methods\n\nPaired over the same prompts: mean score difference and its 95% "
