@@ -133,12 +133,15 @@ def sittings(ts: list) -> dict:
 def _timing_machines(raw: list) -> dict:
     """Per context length, the machine whose timing runs the report uses:
     the one with the most runs there, so that every ratio is between runs
-    of one machine."""
-    count = defaultdict(lambda: defaultdict(int))
-    for r in raw:
+    of one machine; where two have as many, the one that ran last, so that a
+    re-timing of a length on another machine replaces the earlier runs."""
+    count, last = defaultdict(lambda: defaultdict(int)), {}
+    for order, r in enumerate(raw):  # runs.jsonl is appended in the order the runs ran
         if r["kind"] == "timing":
-            count[r["context_tokens"]][machine_label(r.get("machine", {}))] += 1
-    return {context: max(by, key=by.get) for context, by in count.items()}
+            at = (r["context_tokens"], machine_label(r.get("machine", {})))
+            count[at[0]][at[1]] += 1
+            last[at] = order
+    return {context: max(by, key=lambda m: (by[m], last[(context, m)])) for context, by in count.items()}
 
 
 def load_labelled(runs: Path) -> list:
