@@ -410,8 +410,9 @@ def test_machine_records_the_cpu_generation():
 
 def test_times_of_two_machines_are_never_mixed(tmp_path):
     """A timing run resumed on another machine times again, and the report
-    takes every time at one context length from one machine (the one with
-    the most runs there, the one that ran last where two tie)."""
+    takes every time at one context length from one machine (the one that
+    timed the most configurations there, then the most runs, then the
+    latest)."""
     fast = {**MACHINE, "llama_system_info": "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | OPENMP = 1 |"}
     slow = {**MACHINE, "llama_system_info": "CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1 |"}
     assert common.machine_label(fast).endswith("AVX512") and common.machine_label(slow).endswith("AVX2")
@@ -430,8 +431,13 @@ def test_times_of_two_machines_are_never_mixed(tmp_path):
     assert built["full"]["ttft_s"] == 310.0 and built["full"]["ttft_runs"] == 2
     assert built["specpc"]["ttft_vs_full"] == pytest.approx(0.5)
     assert built["specpc"]["timing_machine"] == common.machine_label(slow)
-    # a later machine that times the length as often takes it over
-    rows += [{**r, "machine": zen3, "ttft_s": r["ttft_s"] / 3} for r in rows[2:]]
+    # more runs of fewer configurations on a later machine do not take the length over...
+    rows += [{**_timing("specpc", 1024, 50.0 + run), "machine": zen2, "run": run, "prompt_tokens": 8000,
+              "target_kv_bytes": 1} for run in range(5)]
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert {r["method"]: r for r in report.build(runs, tmp_path, "full")}["full"]["ttft_s"] == 310.0
+    # ...every configuration timed again as often does
+    rows += [{**r, "machine": zen3, "ttft_s": r["ttft_s"] / 3} for r in rows[2:5]]
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     built = {r["method"]: r for r in report.build(runs, tmp_path, "full")}
     assert built["full"]["timing_machine"] == common.machine_label(zen3)

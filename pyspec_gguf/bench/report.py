@@ -131,17 +131,27 @@ def sittings(ts: list) -> dict:
 
 
 def _timing_machines(raw: list) -> dict:
-    """Per context length, the machine whose timing runs the report uses:
-    the one with the most runs there, so that every ratio is between runs
-    of one machine; where two have as many, the one that ran last, so that a
-    re-timing of a length on another machine replaces the earlier runs."""
-    count, last = defaultdict(lambda: defaultdict(int)), {}
+    """Per context length, the machine whose timing runs the report uses,
+    so that every ratio is between runs of one machine: the one that timed
+    the most configurations there, then the one with the most runs the
+    report would use (a re-timing replaces the runs before it), then the one
+    that ran last. Timing all of a length's configurations again on another
+    machine, as often, so takes the length over; a few runs there do not."""
+    runs, last = defaultdict(list), {}
     for order, r in enumerate(raw):  # runs.jsonl is appended in the order the runs ran
         if r["kind"] == "timing":
             at = (r["context_tokens"], machine_label(r.get("machine", {})))
-            count[at[0]][at[1]] += 1
+            runs[(*at, r["variant"], r["budget"])].append(r)
             last[at] = order
-    return {context: max(by, key=lambda m: (by[m], last[(context, m)])) for context, by in count.items()}
+    rank = defaultdict(lambda: [0, 0])  # (context, machine) -> [configurations, runs]
+    for (context, label, *_), ts in runs.items():
+        rank[(context, label)][0] += 1
+        rank[(context, label)][1] += len(current_runs(ts))
+    machines = defaultdict(list)
+    for context, label in rank:
+        machines[context].append(label)
+    return {context: max(labels, key=lambda m: (*rank[(context, m)], last[(context, m)]))
+            for context, labels in machines.items()}
 
 
 def load_labelled(runs: Path) -> list:
