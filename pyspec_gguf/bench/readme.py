@@ -35,15 +35,21 @@ def _gap(g: dict) -> str:
 
 
 def comparison(answers: list, a: str, b: str, context: int, budgets: list) -> str:
-    """One line: a − b at each budget, budgets grouped by verdict."""
+    """One line: a − b at each budget, budgets grouped by verdict. An "ahead"
+    carries its interval; "within noise" names its budgets only (latest.md
+    has every interval), which keeps the README, the first command's
+    document, short."""
     gaps = [g for g in (paired_gap(answers, a, b, context, budget) for budget in budgets) if g]
     if not gaps:
         return ""
     parts = []
     for verdict in dict.fromkeys(g["verdict"] for g in gaps):
         at = [g for g in gaps if g["verdict"] == verdict]
-        where = ", ".join(f"{g['budget']} ({_gap(g)})" if g["budget"] else _gap(g) for g in at)
-        parts.append(f"{verdict} {'at ' if at[0]['budget'] else ''}{where}")
+        if verdict == "within noise":
+            where = ", ".join(str(g["budget"]) for g in at if g["budget"])  # "" for `draft`, which has no budget
+        else:
+            where = ", ".join(f"{g['budget']} ({_gap(g)})" if g["budget"] else _gap(g) for g in at)
+        parts.append(f"{verdict} at {where}" if at[0]["budget"] else f"{verdict} {where}".rstrip())
     n = sorted({g["n"] for g in gaps})
     prompts = f"{n[0]}" if len(n) == 1 else f"{n[0]}–{n[-1]}"
     return f"- `{a}` − `{b}` ({prompts} prompts): " + "; ".join(parts) + "."
@@ -89,7 +95,7 @@ def section(rows: list, answers: list, prompts_planned: dict) -> str:
             f"prompts than the others so far. `full` keeps the whole prompt ({_ci(full)}).\n\n"
             f"{accuracy_grid(here)}\n\n"
             f"Paired differences (the same prompts; 95% interval of the mean difference; \"ahead\" only where it "
-            f"excludes zero):\n\n"
+            f"excludes zero; `bench/results/latest.md` gives the interval of every gap within noise too):\n\n"
             + "\n".join(line for line in
                         [comparison(answers, a, b, context, budgets) for a, b in PAIRS]
                         + [comparison(answers, m, "full", context, [0] if m == "draft" else budgets)
