@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,26 @@ def test_quick_profile_plots(quick):
     out, _, _ = quick
     for name in ("accuracy.png", "cost.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_keeps_one_style_per_method_across_panels():
+    pytest.importorskip("matplotlib")
+    many = [f"method{i:02d}" for i in range(12)]
+    rows = [{"context_tokens": c, "method": m, "budget": b, "accuracy": 0.5, "accuracy_ci": (0.4, 0.6),
+             "ttft_s": 1.0, "target_kv_bytes": 2**20}
+            for c, methods in [(4096, many), (16384, many[5:])] for m in methods for b in (256, 1024)]
+    rows += [{"context_tokens": 4096, "method": "full", "budget": None, "accuracy": 0.8,
+              "accuracy_ci": (0.7, 0.9), "ttft_s": 2.0, "target_kv_bytes": 2**21}]
+    fig = report.figure(report._pyplot(), rows, "accuracy")
+    styles = defaultdict(set)
+    for ax in fig.axes:
+        for bars in ax.containers:
+            line = bars.lines[0]
+            styles[bars.get_label()].add((line.get_color(), line.get_marker()))
+    assert set(styles) == set(many)
+    assert all(len(s) == 1 for s in styles.values()), styles
+    assert len({s.pop() for s in styles.values()}) == len(many)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["full", *many]
 
 
 def test_interrupted_last_line_is_dropped(tmp_path):

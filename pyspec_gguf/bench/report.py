@@ -510,47 +510,65 @@ def _pyplot():
     return plt
 
 
+def method_styles(methods: list) -> dict:
+    """One (colour, marker) per method, the same in every panel: ten colours, then a new marker."""
+    colours, markers = [f"C{i}" for i in range(10)], "os^Dv"
+    return {m: (colours[i % 10], markers[i // 10 % len(markers)]) for i, m in enumerate(methods)}
+
+
 def plot(rows: list, out: Path) -> None:
     rows = [r for r in rows if r["accuracy"] is not None]
     if not rows or not (plt := _pyplot()):
         return
-    contexts = sorted({r["context_tokens"] for r in rows})
-    methods = sorted({r["method"] for r in rows if r["budget"] is not None})
-    for what, name in [("accuracy", "accuracy.png"), ("cost", "cost.png")]:
-        n_rows = 1 if what == "accuracy" else 2
-        fig, axes = plt.subplots(n_rows, len(contexts), figsize=(6 * len(contexts), 4.5 * n_rows), squeeze=False)
-        for j, c in enumerate(contexts):
-            metrics = [("accuracy", "accuracy (RULER score, 95% CI)")] if what == "accuracy" else [
-                ("ttft_s", "time to first token (s), median"), ("target_kv_bytes", "target KV (MiB)")]
-            for i, (k, lab) in enumerate(metrics):
-                ax = axes[i][j]
-                scale = 2**20 if k == "target_kv_bytes" else 1
-                for r in rows:
-                    if r["context_tokens"] == c and r["budget"] is None and r[k] is not None:
-                        ax.axhline(r[k] / scale, linestyle="--", color="black" if r["method"] == "full" else "gray",
-                                   label=r["method"])
-                for meth in methods:
-                    rs = sorted((r for r in rows if r["context_tokens"] == c and r["method"] == meth
-                                 and r[k] is not None), key=lambda r: r["budget"])
-                    if not rs:
-                        continue
-                    xs, ys = [r["budget"] for r in rs], [r[k] / scale for r in rs]
-                    if k == "accuracy":
-                        err = [[y - r["accuracy_ci"][0] for y, r in zip(ys, rs)],
-                               [r["accuracy_ci"][1] - y for y, r in zip(ys, rs)]]
-                        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=meth)
-                    else:
-                        ax.plot(xs, ys, marker="o", label=meth)
-                ax.set_xscale("log", base=2)
-                ax.set_xlabel("budget (tokens)")
-                ax.set_ylabel(lab)
-                ax.set_title(f"{c} tokens")
-                ax.grid(alpha=0.3)
-        if axes[0][-1].get_legend_handles_labels()[0]:
-            axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+    for what in ("accuracy", "cost"):
+        fig = figure(plt, rows, what)
+        fig.savefig(out / f"{what}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
+
+
+def figure(plt, rows: list, what: str):
+    """A panel per prompt length; one legend for the figure, since no panel has every method."""
+    contexts = sorted({r["context_tokens"] for r in rows})
+    # Plain methods first, so that they take the ten colours and the variants the second marker.
+    methods = sorted({r["method"] for r in rows if r["budget"] is not None}, key=lambda m: (" [" in m, m))
+    styles = method_styles(methods)
+    metrics = [("accuracy", "accuracy (RULER score, 95% CI)")] if what == "accuracy" else [
+        ("ttft_s", "time to first token (s), median"), ("target_kv_bytes", "target KV (MiB)")]
+    fig, axes = plt.subplots(len(metrics), len(contexts), figsize=(6 * len(contexts), 4.5 * len(metrics)),
+                             squeeze=False)
+    for j, c in enumerate(contexts):
+        for i, (k, lab) in enumerate(metrics):
+            ax = axes[i][j]
+            scale = 2**20 if k == "target_kv_bytes" else 1
+            for r in rows:
+                if r["context_tokens"] == c and r["budget"] is None and r[k] is not None:
+                    ax.axhline(r[k] / scale, linestyle="--", color="black" if r["method"] == "full" else "gray",
+                               label=r["method"])
+            for meth, (colour, marker) in styles.items():
+                rs = sorted((r for r in rows if r["context_tokens"] == c and r["method"] == meth
+                             and r[k] is not None), key=lambda r: r["budget"])
+                if not rs:
+                    continue
+                xs, ys = [r["budget"] for r in rs], [r[k] / scale for r in rs]
+                if k == "accuracy":
+                    err = [[y - r["accuracy_ci"][0] for y, r in zip(ys, rs)],
+                           [r["accuracy_ci"][1] - y for y, r in zip(ys, rs)]]
+                    ax.errorbar(xs, ys, yerr=err, color=colour, marker=marker, capsize=2, label=meth)
+                else:
+                    ax.plot(xs, ys, color=colour, marker=marker, label=meth)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("budget (tokens)")
+            ax.set_ylabel(lab)
+            ax.set_title(f"{c} tokens")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    handles = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
+    return fig
 
 
 def plot_document(docs: list, out: Path) -> None:
