@@ -527,7 +527,7 @@ def plot(rows: list, out: Path) -> None:
 
 
 def figure(plt, rows: list, what: str):
-    """A panel per prompt length; one legend for the figure, since no panel has every method."""
+    """A panel per prompt length; one legend for the figure, since a panel may lack some methods."""
     contexts = sorted({r["context_tokens"] for r in rows})
     # Plain methods first, so that they take the ten colours and the variants the second marker.
     methods = sorted({r["method"] for r in rows if r["budget"] is not None}, key=lambda m: (" [" in m, m))
