@@ -432,8 +432,8 @@ def test_machine_records_the_cpu_generation():
 def test_times_of_two_machines_are_never_mixed(tmp_path):
     """A timing run resumed on another machine times again, and the report
     takes every time at one context length from one machine (the one that
-    timed the most configurations there, then the most runs, then the
-    latest)."""
+    timed the most methods there, then the most configurations, then the
+    most runs, then the latest)."""
     fast = {**MACHINE, "llama_system_info": "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | OPENMP = 1 |"}
     slow = {**MACHINE, "llama_system_info": "CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1 |"}
     assert common.machine_label(fast).endswith("AVX512") and common.machine_label(slow).endswith("AVX2")
@@ -463,6 +463,38 @@ def test_times_of_two_machines_are_never_mixed(tmp_path):
     built = {r["method"]: r for r in report.build(runs, tmp_path, "full")}
     assert built["full"]["timing_machine"] == common.machine_label(zen3)
     assert built["full"]["ttft_s"] == pytest.approx(310.0 / 3) and built["full"]["ttft_runs"] == 2
+
+
+def test_more_methods_take_a_length_over_more_variants_of_fewer(tmp_path):
+    """A machine that timed full and specpc, flash attention off and on
+    (four configurations), keeps a length only until another times a third
+    method beside those two: the table should have every method it can."""
+    older = {**MACHINE, "cpu_family": "6", "cpu_model": "167"}
+    newer = {**MACHINE, "cpu_family": "6", "cpu_model": "207"}
+    pair = {"draft": "d", "target": "t"}
+    rows = [{**_timing(v, b, t), "machine": older, "models": pair}
+            for v, b, t in [("full", 0, 1300.0), ("specpc", 1024, 970.0)]]
+    rows += [{**_timing(v, b, t), "machine": older, "models": {**pair, "flash_attn": "on"}}
+             for v, b, t in [("full", 0, 1180.0), ("specpc", 1024, 760.0)]]
+    rows = [{**r, "prompt_tokens": 32000, "target_kv_bytes": 1} for r in rows]
+    runs = tmp_path / "runs.jsonl"
+
+    def build():
+        runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return {r["method"]: r for r in report.build(runs, tmp_path, "scale")}
+
+    assert build()["full"]["timing_machine"] == common.machine_label(older)
+    # two methods on the newer machine, fewer configurations: the older keeps it
+    rows += [{**_timing(v, b, t), "machine": newer, "models": pair, "prompt_tokens": 32000, "target_kv_bytes": 1}
+             for v, b, t in [("full", 0, 1400.0), ("specpc", 1024, 1000.0)]]
+    assert build()["full"]["ttft_s"] == 1300.0
+    rows.append({**_timing("speckv_pc", 1024, 990.0), "machine": newer, "models": pair, "prompt_tokens": 32000,
+                 "target_kv_bytes": 1})
+    built = build()
+    assert built["full"]["timing_machine"] == common.machine_label(newer)
+    assert built["full"]["ttft_s"] == 1400.0 and built["speckv_pc"]["ttft_vs_full"] == pytest.approx(990 / 1400)
+    # the older machine's flash-attention runs leave the table with it
+    assert "full [flash on]" not in built
 
 
 def test_a_retiming_replaces_the_earlier_sitting(tmp_path, monkeypatch):

@@ -133,24 +133,29 @@ def sittings(ts: list) -> dict:
 def _timing_machines(raw: list) -> dict:
     """Per context length, the machine whose timing runs the report uses,
     so that every ratio is between runs of one machine: the one that timed
-    the most configurations there, then the one with the most runs the
-    report would use (a re-timing replaces the runs before it), then the one
-    that ran last. Timing all of a length's configurations again on another
-    machine, as often, so takes the length over; a few runs there do not."""
+    the most methods there (a method's flash-attention, draft or option
+    variants count once), then the most configurations, then the most runs
+    the report would use (a re-timing replaces the runs before it), then the
+    one that ran last. Timing all of a length's methods again on another
+    machine, as often, so takes the length over; a few runs there do not,
+    nor more variants of fewer methods."""
     runs, last = defaultdict(list), {}
     for order, r in enumerate(raw):  # runs.jsonl is appended in the order the runs ran
         if r["kind"] == "timing":
             at = (r["context_tokens"], machine_label(r.get("machine", {})))
             runs[(*at, r["variant"], r["budget"])].append(r)
             last[at] = order
+    methods = defaultdict(set)  # (context, machine) -> the methods timed there
     rank = defaultdict(lambda: [0, 0])  # (context, machine) -> [configurations, runs]
-    for (context, label, *_), ts in runs.items():
+    for (context, label, variant, _), ts in runs.items():
+        methods[(context, label)].add(variant.split(" [")[0])
         rank[(context, label)][0] += 1
         rank[(context, label)][1] += len(current_runs(ts))
     machines = defaultdict(list)
     for context, label in rank:
         machines[context].append(label)
-    return {context: max(labels, key=lambda m: (*rank[(context, m)], last[(context, m)]))
+    return {context: max(labels, key=lambda m: (len(methods[(context, m)]), *rank[(context, m)],
+                                                last[(context, m)]))
             for context, labels in machines.items()}
 
 
