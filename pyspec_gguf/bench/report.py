@@ -53,6 +53,11 @@ def config_label(variant: str, models: dict, options: dict = None) -> str:
     return f"{variant} [{', '.join(tags)}]" if tags else variant
 
 
+def plain_method(label: str) -> str:
+    """The method a table label names, without config_label's brackets."""
+    return label.split(" [")[0]
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -148,7 +153,7 @@ def _timing_machines(raw: list) -> dict:
     methods = defaultdict(set)  # (context, machine) -> the methods timed there
     rank = defaultdict(lambda: [0, 0])  # (context, machine) -> [configurations, runs]
     for (context, label, variant, _), ts in runs.items():
-        methods[(context, label)].add(variant.split(" [")[0])
+        methods[(context, label)].add(plain_method(variant))
         rank[(context, label)][0] += 1
         rank[(context, label)][1] += len(current_runs(ts))
     machines = defaultdict(list)
@@ -272,7 +277,7 @@ def differences(answers: list) -> list:
             pairs = [(m, "full") for m in sorted(at) if has_full]
             pairs += [(a, b) for a, b in PAIRS if a in at and b in at]
             # a derived draft or flash attention against the same method as it comes
-            pairs += [(m, plain) for m in sorted(at) for plain in [m.split(" [")[0]] if plain != m and plain in at]
+            pairs += [(m, plain) for m in sorted(at) for plain in [plain_method(m)] if plain != m and plain in at]
             out += [g for g in (paired_gap(answers, a, b, context, budget) for a, b in pairs) if g]
         if has_full:
             budgetless = sorted({r["variant"] for r in here if r["budget"] == 0} - {"full"})
@@ -535,7 +540,7 @@ def figure(plt, rows: list, what: str):
     """A panel per prompt length; one legend for the figure, since a panel may lack some methods."""
     contexts = sorted({r["context_tokens"] for r in rows})
     # Plain methods first, so that they take the ten colours and the variants the second marker.
-    methods = sorted({r["method"] for r in rows if r["budget"] is not None}, key=lambda m: (" [" in m, m))
+    methods = sorted({r["method"] for r in rows if r["budget"] is not None}, key=lambda m: (plain_method(m) != m, m))
     styles = method_styles(methods)
     metrics = [("accuracy", "accuracy (RULER score, 95% CI)")] if what == "accuracy" else [
         ("ttft_s", "time to first token (s), median"), ("target_kv_bytes", "target KV (MiB)")]
