@@ -208,6 +208,10 @@ string psg_model::chat_template(const vector<string> & roles, const vector<strin
     vector<llama_chat_message> msgs(roles.size());
     size_t total = 0;
     for (size_t i = 0; i < roles.size(); ++i) {
+        // the template reads C strings: a NUL would silently end the message there
+        if (roles[i].find('\0') != string::npos || contents[i].find('\0') != string::npos) {
+            throw invalid_argument("message " + std::to_string(i) + " holds a NUL character");
+        }
         msgs[i] = {roles[i].c_str(), contents[i].c_str()};
         total += roles[i].size() + contents[i].size();
     }

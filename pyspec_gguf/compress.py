@@ -60,14 +60,20 @@ class Compressed:
                 "times": dict(self.times)}
 
 
+def check_compressible(method) -> None:
+    """Only a method that selects prompt tokens, and nothing after, gives a
+    text to compress to."""
+    if method.prompt_stage is None or method.kv_stage is not None:
+        raise ValueError(f"{method.name} does not select prompt tokens; compress with a prompt method "
+                         "(specpc, specprefill, selfinfo, headtail)")
+
+
 def compress(session, prompt, call, marker: str, progress=None, caches=None) -> Compressed:
     """`SpecSession.compress` after validation: `call` holds the method,
     tokens, budget and protected positions; `caches` the prefix caches the
     draft's pass may reuse."""
     method = call.method
-    if method.prompt_stage is None or method.kv_stage is not None:
-        raise ValueError(f"{method.name} does not select prompt tokens; compress with a prompt method "
-                         "(specpc, specprefill, selfinfo, headtail)")
+    check_compressible(method)
     if not isinstance(marker, str):
         raise ValueError(f"marker must be a string, not {marker!r}")
     clock = Clock()

@@ -25,7 +25,12 @@ Progress = Callable[[int, int], None]
 
 
 class PromptTooLong(ValueError):
-    """A prompt longer than a model's trained context."""
+    """A prompt (param "prompt"), or a prompt with its answer (param
+    "max_tokens"), longer than a model's trained context."""
+
+    def __init__(self, message: str, param: str = "prompt"):
+        super().__init__(message)
+        self.param = param
 
 
 def default_threads() -> int:
@@ -165,9 +170,14 @@ class Model:
         built-in template support)."""
         if not messages:
             raise ValueError("messages is empty")
-        for m in messages:
+        for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError("each message must be a dict with 'role' and 'content'")
+            if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+                raise ValueError(f"message {i}: role and content must be strings")
+            if "\0" in m["role"] or "\0" in m["content"]:
+                # the template reads C strings: the message, and all after it, would end at the NUL
+                raise ValueError(f"message {i} holds a NUL character (U+0000), which no chat template can carry")
         return self._native.apply_chat_template([m["role"] for m in messages],
                                                 [m["content"] for m in messages], add_generation_prompt)
 

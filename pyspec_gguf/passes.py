@@ -25,13 +25,17 @@ STAGES = ("draft_prefill", "lookahead", "scoring", "target_prefill", "eviction",
 
 
 class Clock:
-    """Seconds spent per stage of one call."""
+    """Seconds spent per stage of one call; `on_stage(name)`, if set, is
+    told as each stage begins (a progress display names it)."""
 
-    def __init__(self):
+    def __init__(self, on_stage: Optional[Callable[[str], None]] = None):
         self.times = {s: 0.0 for s in STAGES}
+        self.on_stage = on_stage
 
     @contextmanager
     def stage(self, name: str):
+        if self.on_stage is not None:
+            self.on_stage(name)
         t0 = time.perf_counter()
         try:
             yield
@@ -141,7 +145,8 @@ def draft_pass(model, tokens: np.ndarray, needs: DraftNeeds, options: dict, cloc
             cache.hold(tokens)
         with clock.stage("lookahead"):
             drafted, steps = greedy_lookahead(ctx, model, needs.lookahead,
-                                              layers if needs.step_rows else None, needs.reduction, n_keys=n)
+                                              layers if needs.step_rows else None, needs.reduction, n_keys=n,
+                                              progress=progress)
     except BaseException:
         _abandon(ctx, cache)
         raise
@@ -177,14 +182,18 @@ def _offset(progress: Optional[Callable], start: int, n: int) -> Optional[Callab
     return lambda done, total: progress(start + done, n)
 
 
-def greedy_lookahead(ctx, model, n_tokens: int, layers=None, reduce: str = "max", n_keys: int = 0):
+def greedy_lookahead(ctx, model, n_tokens: int, layers=None, reduce: str = "max", n_keys: int = 0,
+                     progress: Optional[Callable] = None):
     """Draft `n_tokens` greedily after a prefill that left last-token logits:
     the first comes from the prefill, each later one from a decode step. With
     `layers`, each of those n_tokens - 1 decode steps' attention over the
-    first `n_keys` positions is captured; returns (tokens, [per-step scores])."""
+    first `n_keys` positions is captured; returns (tokens, [per-step scores]).
+    progress(i, n_tokens) after each drafted token."""
     tokens, steps = [], []
     ctx.set_sampler(0.0, 1.0, 0)
     for i in range(n_tokens):
+        if progress is not None and i:
+            progress(i, n_tokens)
         token = ctx.sample()
         if model.is_eog(token):
             break

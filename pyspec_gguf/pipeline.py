@@ -65,6 +65,8 @@ class Analysis:
         self.room = 1 + max_tokens  # the last prompt token, decoded again, and the answer
         self.fork, self.progress = fork, progress
         self.clock = clock or Clock()
+        if getattr(progress, "stage", None) is not None:  # a display that names each stage as it begins
+            self.clock.on_stage = progress.stage
         self._draft_plan = _merged([m.draft_needs() for m in methods], DraftNeeds.merge)
         self._target_plan = _merged([m.kv_stage.target_needs() for m in methods if m.kv_stage], TargetNeeds.merge)
         self._drafts: list[DraftPass] = []

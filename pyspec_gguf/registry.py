@@ -280,20 +280,33 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def resolve(spec: str, progress: bool = True) -> Path:
-    """Turn a model spec (path, registry name or Hugging Face spec) into a local file."""
+def check_model_spec(spec: str) -> str:
+    """What kind of spec `spec` is ('file', 'registry' or 'hf'), or the error
+    that `resolve` would raise for it, found without fetching or loading
+    anything: so that a command refuses a bad spec before any model loads."""
     if not spec:
         raise ValueError("empty model spec")
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
             raise ValueError(f"model spec is a directory, not a GGUF file: {spec}")
-        return path
+        return "file"
     if spec.lower().endswith(".gguf") and ":" not in spec:
         raise FileNotFoundError(f"no such model file: {spec}")
     if spec in load_registry():
-        return fetch(spec, progress=progress)
+        return "registry"
     if "/" in spec:
-        return fetch_from_hf(spec)
+        parse_hf_spec(spec)
+        return "hf"
     raise ValueError(f"unknown model {spec!r}: not a file, not in models.txt "
                      f"({', '.join(sorted(load_registry()))}), not owner/repo[:file]")
+
+
+def resolve(spec: str, progress: bool = True) -> Path:
+    """Turn a model spec (path, registry name or Hugging Face spec) into a local file."""
+    kind = check_model_spec(spec)
+    if kind == "file":
+        return Path(spec).expanduser()
+    if kind == "registry":
+        return fetch(spec, progress=progress)
+    return fetch_from_hf(spec)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import registry
-from .derive import derived_draft
-from .engine import Model, Sampling, default_threads, iter_text
+from .derive import QUANTS, derived_draft
+from .engine import Model, PromptTooLong, Sampling, default_threads, iter_text
 from .methods import Method, make_method
 from .passes import STAGES
 from .pipeline import Analysis
@@ -116,16 +116,19 @@ class SpecSession:
     def __init__(self, draft: Optional[str] = "", target: Optional[str] = None, n_threads: int = 0,
                  n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0, flash_attn: str = "off",
                  draft_quant: Optional[str] = None, draft_layers: int = 0, progress: bool = True):
-        if flash_attn not in ("off", "on", "auto"):
-            raise ValueError(f"flash_attn must be 'off', 'on' or 'auto', not {flash_attn!r}")
+        check_session_options(n_threads, n_gpu_layers, flash_attn, draft_quant, draft_layers)
+        target = target or registry.default_model("target")
+        if draft is not None:
+            draft = draft or registry.default_model("draft")
+        for spec in (target, draft):  # a bad spec is refused before either model loads
+            if spec is not None:
+                registry.check_model_spec(spec)
         self.context_options = {"n_threads": n_threads or default_threads(), "n_batch": n_batch,
                                 "n_ubatch": n_ubatch, "flash_attn": flash_attn}
-        self.target = Model(target or registry.default_model("target"), n_gpu_layers=n_gpu_layers,
-                            progress=progress)
+        self.target = Model(target, n_gpu_layers=n_gpu_layers, progress=progress)
         self.draft = None
         try:
             if draft is not None:
-                draft = draft or registry.default_model("draft")
                 if draft_quant or draft_layers:
                     draft = str(derived_draft(registry.resolve(draft, progress), draft_quant, draft_layers,
                                               n_threads))
@@ -168,7 +171,11 @@ class SpecSession:
         answer ends before the first of the `stop` strings, if any.
 
         Returns a Result; with stream=True, a Stream that yields text pieces
-        and holds the Result once exhausted. `protect_last` tokens at the end
+        and holds the Result once exhausted. `progress(done, total)` is
+        called within each prefill and the draft's lookahead; a progress
+        object with a `stage(name)` method is also told each stage as it
+        begins (`passes.STAGES`: draft_prefill, lookahead, scoring,
+        target_prefill, eviction). `protect_last` tokens at the end
         (e.g. the question) are always kept, as are the chat template's
         control tokens.
         """
@@ -243,11 +250,23 @@ class SpecSession:
 
     def check_fits(self, n_prompt: int, max_tokens: int, method: Optional[Method] = None) -> None:
         """A prompt and its answer within what the models were trained for
-        (else `PromptTooLong`, a ValueError)."""
-        what = f"the prompt ({n_prompt:,} tokens)" + (" with its answer" if max_tokens else "")
-        self.target.check_fits(n_prompt + max_tokens, what)
+        (else `PromptTooLong`, a ValueError, whose `param` says which of the
+        two to shorten)."""
+        what = f"the prompt ({n_prompt:,} tokens)"
+        self.target.check_fits(n_prompt + (1 if max_tokens else 0), what + (" with its answer" if max_tokens else ""))
+        room = self.answer_room(n_prompt)
+        if max_tokens and room is not None and max_tokens > room:
+            raise PromptTooLong(f"max_tokens {max_tokens:,} does not fit: {what} leaves room for {room:,} answer "
+                                f"tokens in the {self.target.context_limit:,} of {self.target.name}; ask for at "
+                                "most that many, or use a shorter document", param="max_tokens")
         if self.draft is not None and (method is None or method.uses_draft):
-            self.draft.check_fits(n_prompt, f"the prompt ({n_prompt:,} tokens)")
+            self.draft.check_fits(n_prompt, what)
+
+    def answer_room(self, n_prompt: int) -> Optional[int]:
+        """How many answer tokens fit after a prompt of n_prompt tokens
+        (None: the model declares no limit)."""
+        limit = self.target.context_limit
+        return limit - n_prompt if limit else None
 
     # ------------------------------------------------------------ helpers
 
@@ -284,6 +303,24 @@ class Call:
     tokens: np.ndarray
     budget: int
     protected: np.ndarray
+
+
+def check_session_options(n_threads: int = 0, n_gpu_layers: int = 0, flash_attn: str = "off",
+                          draft_quant: Optional[str] = None, draft_layers: int = 0) -> None:
+    """SpecSession's engine options, checked before any model loads."""
+    def integer(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not integer(n_threads) or n_threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: all cores), not {n_threads!r}")
+    if not integer(n_gpu_layers) or n_gpu_layers < -1:
+        raise ValueError(f"n_gpu_layers must be >= -1 (-1: all layers), not {n_gpu_layers!r}")
+    if flash_attn not in ("off", "on", "auto"):
+        raise ValueError(f"flash_attn must be 'off', 'on' or 'auto', not {flash_attn!r}")
+    if draft_quant and draft_quant.lower() not in QUANTS:
+        raise ValueError(f"draft_quant must be one of {', '.join(QUANTS)}, not {draft_quant!r}")
+    if not integer(draft_layers) or draft_layers < 0:
+        raise ValueError(f"draft_layers must be >= 0 (0: all layers), not {draft_layers!r}")
 
 
 def check_budget(budget) -> None:
@@ -338,10 +375,6 @@ class Stream:
         if self._cancelled:
             raise Cancelled("the answer was cancelled")
 
-    def _checked_progress(self, done: int, total: int) -> None:
-        self._check()
-        if self._progress is not None:
-            self._progress(done, total)
 
     def run(self) -> Result:
         """The whole answer at once."""
@@ -353,7 +386,7 @@ class Stream:
         t0 = time.perf_counter()
         self._check()
         analysis = Analysis(self._session, self._tokens, self._protected, self._max_tokens, [self._method],
-                            progress=self._checked_progress, caches=self._caches)
+                            progress=CheckedProgress(self._progress, self._check), caches=self._caches)
         prepared = None
         try:
             prepared = analysis.prepare(self._method, self._budget)
@@ -407,6 +440,26 @@ class Stream:
             analysis.close()
         if self.on_result is not None:
             self.on_result(self.result)
+
+
+class CheckedProgress:
+    """A call's progress callback, with a cancellation check at each step:
+    (done, total) within a prefill or the lookahead, `stage(name)` as each
+    stage begins (passed on where the callback has a `stage` too)."""
+
+    def __init__(self, progress: Optional[Callable[[int, int], None]], check: Callable[[], None]):
+        self._progress, self._check = progress, check
+
+    def __call__(self, done: int, total: int) -> None:
+        self._check()
+        if self._progress is not None:
+            self._progress(done, total)
+
+    def stage(self, name: str) -> None:
+        self._check()
+        stage = getattr(self._progress, "stage", None)
+        if stage is not None:
+            stage(name)
 
 
 class StopScanner:

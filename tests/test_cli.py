@@ -47,7 +47,7 @@ def test_ask_empty_doc(tmp_path, capsys, small_path):
 @pytest.mark.parametrize("args,match", [
     (["--budget", "0"], "budget 0 keeps nothing: give a token count"),
     (["--method", "speckv", "--option", "kernel=8"], "kernel must be odd"),
-    (["--option", "nope=1"], "bad option"),
+    (["--option", "nope=1"], "specpc has no option 'nope'; its options: window"),
     (["--question", "  "], "--question is empty"),
 ])
 def test_ask_refuses_bad_input_before_loading_a_model(prose, tmp_path, capsys, args, match):

@@ -301,5 +301,7 @@ def test_chat_refuses_bad_input_before_loading_a_model(tmp_path, capsys):
     (tmp_path / "d.txt").write_text("some text")
     assert main(["chat", "--doc", str(tmp_path / "d.txt"), "--budget", "0", "--target", "/nonexistent.gguf"]) == 2
     assert "keeps nothing" in capsys.readouterr().err
-    assert main(["chat", "--doc", str(tmp_path / "nope.txt"), "--target", "/nonexistent.gguf"]) == 2
+    assert main(["chat", "--doc", str(tmp_path / "nope.txt")]) == 2  # the registry's pair, not loaded
     assert "no such document" in capsys.readouterr().err
+    assert main(["chat", "--doc", str(tmp_path / "d.txt"), "--draft", "/nonexistent.gguf"]) == 2
+    assert "no such model file: /nonexistent.gguf" in capsys.readouterr().err

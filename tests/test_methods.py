@@ -114,7 +114,7 @@ def test_per_head_production_path_matches_the_rule(session, messages, name):
 def test_method_names_with_granularity():
     assert make_method("speckv@head").granularity == "head"
     assert make_method("snapkv@token", window=8).window == 8
-    for bad, match in [("specpc@head", "bad option"), ("speckv@layer", "granularity"),
+    for bad, match in [("specpc@head", "specpc has no option .granularity."), ("speckv@layer", "granularity"),
                        ("nope@head", "unknown method")]:
         with pytest.raises(ValueError, match=match):
             make_method(bad)
@@ -161,7 +161,7 @@ def test_bad_budget(session, messages, budget):
     ("specpc", {"pool": "median"}, "pool"),
     ("specpc", {"reduction": "mean"}, "reduction"),
     ("specpc", {"lookahead": 0}, "lookahead"),
-    ("specpc", {"colour": "red"}, "bad option"),
+    ("specpc", {"colour": "red"}, "specpc has no option .colour.; its options: window"),
     ("snapkv", {"lookahead": 3}, "lookahead"),
     ("specprefill", {"chunk": 0}, "chunk"),
 ])

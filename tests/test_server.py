@@ -7,6 +7,7 @@ requests are all answered, each as it is when asked alone."""
 
 import json
 import os
+import signal
 import statistics
 import threading
 import time
@@ -32,8 +33,8 @@ def serve_small(model: str, *args: str):
     return start_server(["serve", "--draft", model, "--target", model, "--max-tokens", str(MAX_TOKENS), *args])
 
 
-def health(url: str, key: str = None) -> dict:
-    req = urllib.request.Request(url + "/health", headers={"Authorization": f"Bearer {key}"} if key else {})
+def health(url: str, key: str = None, scheme: str = "Bearer") -> dict:
+    req = urllib.request.Request(url + "/health", headers={"Authorization": f"{scheme} {key}"} if key else {})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
@@ -230,16 +231,81 @@ def test_cancel_mid_stream_frees_the_worker(client, server, model_id, prose):
         if got == 3:
             break
     stream.close()
-    deadline = time.time() + 30
+    now = wait_until_cancelled(server, before)
+    assert now["served"] == before["served"]  # it did not run to its 4,000 tokens
+    assert chat(client, model_id, [{"role": "user", "content": "Hello."}], method="full")[0]
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(server, model_id):
+    """The client gives up after a second, in the prefill of a long prompt:
+    the worker is free again within about a second, the answer not run."""
+    before = health(server)
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell a long story about the mill. " * 700}],
+                       "max_tokens": 2000, "temperature": 1.0, "method": "full"}).encode()
+    req = urllib.request.Request(server + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with pytest.raises((TimeoutError, urllib.error.URLError)):
+        urllib.request.urlopen(req, timeout=1.0)
+    left = time.time()
+    now = wait_until_cancelled(server, before)
+    assert time.time() - left < 3.0, f"cancelled {time.time() - left:.1f} s after the client left"
+    assert now["served"] == before["served"]
+
+
+def wait_until_cancelled(server: str, before: dict, timeout: float = 30) -> dict:
+    """/health once the server counts one more cancelled request and runs none."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         now = health(server)
         if now["cancelled"] > before["cancelled"] and now["running"] == 0:
+            return now
+        time.sleep(0.1)
+    raise AssertionError(f"the request was not cancelled: {now}")
+
+
+def test_max_tokens_fit_the_context(client, server, model_id, session):
+    """An unset max_tokens is cut to the room the prompt leaves; an explicit
+    one that does not fit is named in the error."""
+    limit = session.target.context_limit
+    words = limit - 40
+    while True:  # a prompt that leaves room for fewer answer tokens than the server's default
+        messages = [{"role": "user", "content": "mill " * words}]
+        room = limit - len(session.tokenize(messages))
+        if room < MAX_TOKENS:
             break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"the answer was not cancelled: {now}")
-    assert now["served"] == before["served"]  # it did not run to its 4,000 tokens
-    assert chat(client, model_id, [{"role": "user", "content": "Hello."}], method="full")[0]
+        words += room - MAX_TOKENS // 2
+    assert room >= 1
+    cheap = {"method": "headtail", "budget": 64}  # the target prefills 64 tokens, not 8K
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_id, messages=messages, max_tokens=room + 1, extra_body=cheap)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "max_tokens"
+    assert f"max_tokens {room + 1:,} does not fit" in str(e.value) and f"room for {room:,}" in str(e.value)
+    r = client.chat.completions.create(model=model_id, messages=messages, extra_body=cheap)
+    assert 1 <= r.usage.completion_tokens <= room
+
+
+def test_a_nul_in_a_message_is_a_400(client, model_id):
+    with pytest.raises(openai.BadRequestError, match="NUL"):
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "a\0b"}])
+
+
+def test_a_stream_cut_by_shutdown_ends_with_an_error_event(small_path, prose):
+    proc, url = serve_small(str(small_path), "--cache-slots", "0")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        stream = client.chat.completions.create(
+            model=client.models.list().data[0].id, stream=True, max_tokens=4000, temperature=1.0,
+            messages=[{"role": "user", "content": "Tell a long story about the mill."}], extra_body={"method": "full"})
+        pieces = []
+        with pytest.raises(openai.APIError, match="shutting down"):
+            for chunk in stream:
+                pieces.append(chunk)
+                if len(pieces) == 3:
+                    proc.send_signal(signal.SIGINT)
+        assert len(pieces) >= 3
+        assert proc.wait(timeout=20) is not None
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
 
 
 def test_full_queue_answers_503_and_api_key(small_path, prose):
@@ -247,6 +313,11 @@ def test_full_queue_answers_503_and_api_key(small_path, prose):
     try:
         status, _, body = raw_post(url, "/v1/completions", json.dumps({"prompt": "Hi"}).encode())
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        for scheme in ("bearer", "BEARER"):  # the scheme's case does not matter (RFC 7235)
+            assert health(url, "s3cret", scheme)["status"] == "ok"
+        for wrong in ({"Authorization": "Bearer s3cre"}, {"Authorization": "Basic s3cret"}):
+            status, _, body = raw_post(url, "/v1/completions", json.dumps({"prompt": "Hi"}).encode(), wrong)
+            assert status == 401
         key = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
         long = json.dumps({"prompt": prose, "max_tokens": 4000, "stream": True, "method": "full"}).encode()
         # the stream's headers come once its worker runs it

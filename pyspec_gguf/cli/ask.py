@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..document import first_turn, question_protect
 from ..methods import METHODS
-from ..sources import read_source
+from ..sources import decode_text, read_source
 from .common import (add_method_args, add_model_args, checked_options, kept_text, open_session, print_answer,
                      progress_bar, sampling)
 
@@ -30,7 +30,7 @@ def add_cli_args(parser) -> None:
 def read_doc(path: str) -> str:
     """The document's text: stdin for '-', else a .txt, .md, .pdf or .html file."""
     if path == "-":
-        text = sys.stdin.read()
+        text = decode_text(sys.stdin.buffer.read(), "the document on stdin")
         if not text.strip():
             raise ValueError("the document on stdin is empty")
         return text
@@ -51,7 +51,7 @@ def main(args) -> int:
         runs = [("full", {})] if args.compare and args.method != "full" else []
         runs.append((args.method, options))
         for name, opts in runs:
-            with progress_bar(f"{name} prefill") as progress:
+            with progress_bar(name) as progress:
                 stream = session.generate(messages, method=name, budget=args.budget, max_tokens=args.max_tokens,
                                           stream=True, sampling=sampling(args), progress=progress,
                                           protect_last=question_protect(session.target, args.question), **opts)

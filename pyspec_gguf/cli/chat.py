@@ -45,7 +45,7 @@ class Chat:
 
     def ask(self, question: str) -> None:
         try:
-            with progress_bar(f"{self.method}") as progress:
+            with progress_bar(self.method) as progress:
                 stream = self.doc.ask(question, method=self.method, budget=self.budget,
                                       max_tokens=self.args.max_tokens, stream=True, sampling=sampling(self.args),
                                       progress=progress, **self.options)

@@ -25,6 +25,8 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.DEBUG)
         from .. import set_verbose
         set_verbose(True)
+    else:  # pypdf warns of every flaw it reads past ("EOF marker not found"): -v shows them
+        logging.getLogger("pypdf").setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command].main(args) or 0
     except KeyboardInterrupt:

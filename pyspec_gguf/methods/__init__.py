@@ -2,6 +2,8 @@
 selection rules (`pyspec_gguf.selection`) and the session's pipelines turn
 scores into kept tokens or KV entries."""
 
+from dataclasses import fields
+
 from .base import KVMethod, Method, PromptMethod
 from .draft import DraftOnly
 from .full import Full
@@ -28,6 +30,11 @@ def make_method(name: str, **options) -> Method:
         options["granularity"] = granularity
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    known = [f.name for f in fields(METHODS[name]) if f.init]
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(known) or 'none'}")
     try:
         return METHODS[name](**options)
     except TypeError as e:

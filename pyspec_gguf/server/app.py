@@ -17,7 +17,8 @@ import secrets
 import time
 from typing import Callable, Optional
 
-from fastapi import FastAPI, Request as HttpRequest
+import anyio
+from fastapi import Depends, FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
@@ -28,6 +29,9 @@ from .protocol import RequestError, error_from
 from .workers import Job, QueueFull, WorkerPool
 
 RETRY_AFTER_S = 5
+# how long a stream has, once the server begins to stop, to send its error event
+# (less than the 5 s uvicorn waits for connections to close)
+SHUTDOWN_GRACE_S = 2
 
 
 def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Optional[str] = None) -> FastAPI:
@@ -38,17 +42,17 @@ def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Op
         yield
         pool.close(timeout=5)
 
-    app = FastAPI(title="pyspec-gguf", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.pool, app.state.policy, app.state.model_id = pool, policy, model_id
+    async def check_key(request: HttpRequest):
+        # a dependency, not an HTTP middleware: Starlette's middleware wraps
+        # the request's receive channel, and a handler behind it never sees
+        # its client disconnect (a non-streamed answer would run to its end)
+        if api_key is not None and not key_matches(request.headers.get("authorization", ""), api_key):
+            raise RequestError("a valid API key is needed (Authorization: Bearer ...)", status=401,
+                               code="invalid_api_key")
 
-    @app.middleware("http")
-    async def _check_key(request: HttpRequest, call_next):
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(RequestError("a valid API key is needed (Authorization: Bearer ...)", status=401,
-                                           code="invalid_api_key"))
-        return await call_next(request)
+    app = FastAPI(title="pyspec-gguf", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  dependencies=[Depends(check_key)])
+    app.state.pool, app.state.policy, app.state.model_id = pool, policy, model_id
 
     @app.exception_handler(RequestError)
     async def _refused(request, e: RequestError):
@@ -90,18 +94,27 @@ def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Op
         job = _submit(jobs.answer(req, policy))
         await _wait(request, job, until=("ready",))  # checked by its worker: its errors are still a 4xx
         if req.stream:
-            return EventSourceResponse(_events(job, req), ping=10)
+            shutdown = anyio.Event()  # set by sse-starlette when the server begins to stop
+            return EventSourceResponse(_events(job, req, shutdown), ping=10, shutdown_event=shutdown,
+                                       shutdown_grace_period=SHUTDOWN_GRACE_S)
         _, result = await _wait(request, job)
         return respond(req, result, model_id, job.queued_s)
 
-    async def _events(job: Job, req: protocol.Request):
+    async def _events(job: Job, req: protocol.Request, shutdown: anyio.Event):
         chunks = protocol.Chunks(req, model_id)
         try:
             first = chunks.first()
             if first is not None:
                 yield _sse(first)
             while True:
-                kind, value = await job.next()
+                if shutdown.is_set():  # an error event, so that the client does not take the cut for an end
+                    yield _sse(RequestError("the server is shutting down; the answer was cut short", status=503,
+                                            code="server_shutdown", kind="server_error").body())
+                    return
+                try:
+                    kind, value = await asyncio.wait_for(job.next(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    continue
                 if kind == "text":
                     yield _sse(chunks.text(value))
                 elif kind == "done":
@@ -122,6 +135,13 @@ def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Op
             raise RequestError(str(e), status=503, code="server_busy", kind="server_error") from None
 
     return app
+
+
+def key_matches(authorization: str, api_key: str) -> bool:
+    """An Authorization header that carries `api_key` as a Bearer token (the
+    scheme's case does not matter: RFC 7235)."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
 
 
 async def _body(request: HttpRequest) -> dict:

@@ -27,6 +27,15 @@ class Policy:
     def __post_init__(self):
         make_method(self.method, **self.method_options)  # a bad default fails at start, not per request
 
+    def max_tokens_for(self, req: Request, session, n_prompt: int) -> int:
+        """The request's max_tokens; where it names none, the default cut to
+        the room the prompt leaves in the model's context (as OpenAI's API
+        and llama-server do), so that a prompt that fits is answered."""
+        if req.max_tokens is not None:
+            return req.max_tokens
+        room = session.answer_room(n_prompt)
+        return self.max_tokens if room is None else max(1, min(self.max_tokens, room))
+
     def choose(self, req: Request, n_prompt: int) -> tuple:
         """(method name, its options, budget) for a request."""
         budget = self.budget if req.budget is None else req.budget
@@ -46,8 +55,8 @@ def answer(req: Request, policy: Policy):
         tokens = session.tokenize(req.prompt)
         name, options, budget = policy.choose(req, len(tokens))
         method = make_method(name, **options)
-        stream = session.stream(req.prompt, method, budget, req.max_tokens or policy.max_tokens, req.sampling,
-                                req.protect_last, None, {}, worker.caches(tokens, method), req.stop)
+        stream = session.stream(req.prompt, method, budget, policy.max_tokens_for(req, session, len(tokens)),
+                                req.sampling, req.protect_last, None, {}, worker.caches(tokens, method), req.stop)
         job.attach(stream)
         job.post("ready")
         for piece in stream:

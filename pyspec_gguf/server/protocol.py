@@ -37,7 +37,8 @@ def error_from(e: Exception) -> RequestError:
     if isinstance(e, RequestError):
         return e
     if isinstance(e, PromptTooLong):
-        return RequestError(str(e), code="context_length_exceeded", param="messages")
+        return RequestError(str(e), code="context_length_exceeded",
+                            param="max_tokens" if e.param == "max_tokens" else "messages")
     if isinstance(e, ValueError):
         return RequestError(str(e))
     return RequestError(f"internal error: {type(e).__name__}: {e}", status=500, kind="server_error")
