@@ -146,11 +146,10 @@ class Document:
         path = state_path(self.prefix, self.session.draft.path) if cache else None
         if path is not None and path.exists():
             try:
-                blob = read_state(path, self.prefix, self.session.draft.sha256())
                 clock = Clock()
                 with clock.stage("draft_prefill"):
-                    self._draft.load(self.prefix, blob, len(self.prefix))
-                self.read_seconds, self.loaded_from = clock.times["draft_prefill"], path
+                    self.load(path)
+                self.read_seconds = clock.times["draft_prefill"]
                 return
             except (StateFileError, ValueError, RuntimeError) as e:
                 log.warning("refusing the saved document state (%s); reading the document again", e)
@@ -160,6 +159,16 @@ class Document:
         self.read_seconds = clock.times["draft_prefill"]
         if path is not None and path.exists():
             self.save(path)
+
+    def load(self, path: Path) -> None:
+        """Load the draft's KV of the document from a file `save` wrote
+        (`store.StateFileError` where the file is not this document's on
+        this draft)."""
+        if self._draft is None:
+            raise ValueError("a session without a draft model has no document state to load")
+        blob = read_state(Path(path), self.prefix, self.session.draft.sha256())
+        self._draft.load(self.prefix, blob, len(self.prefix))
+        self.loaded_from = Path(path)
 
     def save(self, path: Optional[Path] = None) -> Path:
         """Save the draft's KV of the document (not the conversation) for the

@@ -162,6 +162,17 @@ class SpecSession:
             return prompt.astype(np.int32)
         return self.target.tokenize_prompt(prompt)
 
+    def prompt_positions(self, prompt: Prompt, protect_last: int = 0) -> tuple:
+        """(tokens, protected): the prompt's tokens and the positions every
+        method keeps, the chat template's control tokens, its closing tail
+        (end of turn, the assistant's header) and the last `protect_last`
+        tokens."""
+        if isinstance(protect_last, bool) or not isinstance(protect_last, int) or protect_last < 0:
+            raise ValueError(f"protect_last must be an integer >= 0, not {protect_last!r}")
+        tokens = self.tokenize(prompt)
+        protect_last = max(protect_last, self.template_tail(prompt, tokens))
+        return tokens, self.protected_positions(tokens, protect_last)
+
     def generate(self, prompt: Prompt, method: Union[str, Method] = "specpc", budget: Union[int, float] = 1024,
                  max_tokens: int = 128, stream: bool = False, sampling: Sampling = Sampling(),
                  protect_last: int = 0, progress: Optional[Callable[[int, int], None]] = None,
@@ -236,13 +247,9 @@ class SpecSession:
             raise ValueError(f"max_tokens must be a positive integer, not {max_tokens!r}")
         if method.uses_draft and self.draft is None:
             raise ValueError(f"{method.name} needs a draft model; this session has none")
-        tokens = self.tokenize(prompt)
+        tokens, protected = self.prompt_positions(prompt, protect_last)
         self.check_fits(len(tokens), max_tokens or 0, method)
         n_budget = resolve_budget(budget, len(tokens))
-        if isinstance(protect_last, bool) or not isinstance(protect_last, int) or protect_last < 0:
-            raise ValueError(f"protect_last must be an integer >= 0, not {protect_last!r}")
-        protect_last = max(protect_last, self.template_tail(prompt, tokens))
-        protected = self.protected_positions(tokens, protect_last)
         if method.stage != "none" and len(protected) >= n_budget and len(tokens) > n_budget:
             raise ValueError(f"budget {n_budget} leaves no room beyond the {len(protected)} protected tokens "
                              "(chat template control tokens and protect_last)")

@@ -67,6 +67,7 @@ def quick(tmp_path_factory):
     return out, cmd, done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.bench
 def test_quick_profile_writes_every_row(quick):
     out, _, stdout = quick
@@ -107,6 +108,7 @@ def test_quick_profile_writes_every_row(quick):
     assert "| 512 (" in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.bench
 def test_quick_profile_resumes_without_redoing(quick):
     out, cmd, _ = quick
@@ -116,6 +118,7 @@ def test_quick_profile_resumes_without_redoing(quick):
     assert (out / "runs.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 @pytest.mark.bench
 def test_quick_profile_plots(quick):
     pytest.importorskip("matplotlib")
@@ -354,15 +357,16 @@ def test_each_length_counts_the_prompts_of_its_own_profile():
     assert run.planned_prompts(run.resolve(args)) == {4096: 16, 8192: 16}
 
 
+@pytest.mark.slow
 def test_readme_results_are_the_committed_results(tmp_path):
-    """README.md's results section is what `bench --report --readme` builds
-    from the committed runs.jsonl: no figure in it was typed by hand."""
+    """bench/README.md's results section is what `bench --report --readme`
+    builds from the committed runs.jsonl: no figure in it was typed by hand."""
     runs = ROOT / "bench/results/runs.jsonl"
     built = report.build(runs, tmp_path, "full")
     answers = [r for r in report.load_labelled(runs) if r["kind"] == "answer"]
     expected = readme.section(built, answers, run.planned_prompts(run.PROFILES["full"]))
-    assert readme.current(ROOT / "README.md") == expected, \
-        "README.md's results are stale: run `pyspec-gguf bench --report --readme README.md`"
+    assert readme.current(ROOT / "bench/README.md") == expected, \
+        "bench/README.md's results are stale: run `pyspec-gguf bench --report --readme bench/README.md`"
 
 
 def test_configurations_side_by_side(tmp_path):

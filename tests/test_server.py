@@ -347,6 +347,7 @@ def _drain(req) -> None:
 
 # ------------------------------------------------------------------ load
 
+@pytest.mark.slow
 def test_load_16_clients_4_requests_each(client, server, model_id, prose):
     """Every response complete and equal to its answer asked alone; none
     lost or duplicated; the server healthy after; bounded in time."""

@@ -63,11 +63,13 @@ def command() -> str:
     """The command line of this process, as it was typed."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    if spec is None:  # a console script such as pyspec-gguf
-        words = [os.path.basename(sys.argv[0])]
-    else:
-        flags = ["-P"] if getattr(sys.flags, "safe_path", False) else []
+    flags = ["-P"] if getattr(sys.flags, "safe_path", False) else []
+    if spec is not None:
         words = ["python", *flags, "-m", spec.name.removesuffix(".__main__")]
+    elif sys.argv[0].endswith(".py"):  # a script such as studies/lookahead.py
+        words = ["python", *flags, sys.argv[0]]
+    else:  # a console script such as pyspec-gguf
+        words = [os.path.basename(sys.argv[0])]
     return " ".join(shlex.quote(a) for a in words + sys.argv[1:])
 
 

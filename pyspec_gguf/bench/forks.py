@@ -8,8 +8,9 @@ StreamingLLM), and applies each variant as a fork: a KV variant keeps its
 entries in a second sequence that shares the prompt's cells (`seq_cp`,
 nothing copied) or rewrites them per head into a small context; a prompt
 variant prefills only its kept tokens. The methods are built with their
-real options, so a fork answers as `SpecSession.generate` does; the runner
-checks that on one prompt per context length.
+real options, so a fork answers as `SpecSession.generate` does; the
+runner's timed runs check it where a method is timed (each end-to-end run
+must answer as its fork did: `timed_answer_matches` in the report).
 """
 
 from __future__ import annotations

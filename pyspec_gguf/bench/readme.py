@@ -1,10 +1,10 @@
-"""The README's results section, rebuilt from the results so that every
+"""The benchmark's results section, rebuilt from the results so that every
 figure and every "ahead" in it comes from runs.jsonl:
 
-    pyspec-gguf bench --report --readme README.md
+    pyspec-gguf bench --report --readme bench/README.md
 
-rewrites the part of README.md between BEGIN and END (a test checks that
-the committed README matches the committed results). Per context length
+rewrites the part of bench/README.md between BEGIN and END (a test checks
+that the committed file matches the committed results). Per context length
 that has `full` answers: the accuracy grid of the methods at their
 defaults, the paired differences the README discusses, and the timing."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .report import AWAY_FROM_FULL, _ci, _fmt, _ttft, _ttft_vs_full, accuracy_grid, paired_gap
 
-BEGIN = "<!-- results: begin (rebuilt by `pyspec-gguf bench --report --readme README.md`) -->"
+BEGIN = "<!-- results: begin (rebuilt by `pyspec-gguf bench --report --readme bench/README.md`) -->"
 END = "<!-- results: end -->"
 
 # the comparisons the README draws, (a, b) for a − b: what SpecKV and the

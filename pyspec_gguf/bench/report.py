@@ -434,7 +434,7 @@ def task_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-# -- the document conversation (bench/document.py's rows, in the same folder)
+# -- the document conversation (studies/document.py's rows, in the same folder)
 
 def document_rows(out: Path) -> list:
     """The turns of the latest run of each configuration in the folder's
@@ -502,8 +502,8 @@ def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = ()) -
             f"zero.\n\n{differences_table(diffs)}\n\n"
             f"## Every row\n\n{table(rows)}\n\n"
             f"## Time and memory against length\n\n{scale_table(rows)}\n\n"
-            f"## A conversation over one document\n\nTime to first token per turn (`python -P -m "
-            f"pyspec_gguf.bench.document`; rows in document*.jsonl, the latest run of each configuration).\n\n"
+            f"## A conversation over one document\n\nTime to first token per turn (`python -P "
+            f"studies/document.py`; rows in document*.jsonl, the latest run of each configuration).\n\n"
             f"{document_table(docs)}\n\n"
             f"## Targets\n\n{targets_table(checks)}\n\n"
             f"## Accuracy per task\n\n{task_table(rows)}\n")

@@ -33,9 +33,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import registry
-from ..cli.common import parse_option
 from ..derive import derived_draft
-from ..methods import make_method
+from ..methods import make_method, parse_option
 from ..session import SpecSession
 from . import readme, report
 from .common import append_result, machine, machine_label
@@ -275,8 +274,7 @@ def _named(variant: str, options: dict) -> dict:
 
 def answer_prompt(session, base: dict, todo: list, runs: Path, options: dict = None) -> None:
     task = make_task(base["task"], session.target, base["context_tokens"], base["seed"])
-    tokens = session.tokenize(task.messages)
-    protected = session.protected_positions(tokens, session.template_tail(task.messages, tokens))
+    tokens, protected = session.prompt_positions(task.messages)
     variants = list(dict.fromkeys(v for v, _ in todo))
     forks = PromptForks(session, tokens, protected, task.max_tokens, variants=variants,
                         options={v: variant_options(options or {}, v) for v in variants})

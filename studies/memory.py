@@ -2,14 +2,17 @@
 compute buffers llama.cpp allocates for a context, the KV cache, and (with
 --prefill) the process's peak RSS over a real captured prefill.
 
-    python -P -m pyspec_gguf.bench.memory --n-ctx 32768 --models draft,target
-    python -P -m pyspec_gguf.bench.memory --n-ctx 32768 --models draft --prefill 32000 --threads 1
-    python -P -m pyspec_gguf.bench.memory --n-ctx 32768 --models draft --prefill 32000 --threads 1 --flash on
+    python -P studies/memory.py --n-ctx 32768 --models draft,target
+    python -P studies/memory.py --n-ctx 32768 --models draft --prefill 32000 --threads 1
+    python -P studies/memory.py --n-ctx 32768 --models draft --prefill 32000 --threads 1 --flash on
 
 Flash attention off, llama.cpp materialises each layer's attention scores
 (n_ubatch × n_ctx × heads), which is what the softmax capture reads; on, it
 does not, and the capture computes only the observation rows. Each
 measurement runs in a process of its own, so its peak RSS is its alone.
+
+Reproduces bench/README.md, "Flash attention on: capture agreement and memory
+(flash_capture.jsonl, memory.jsonl)".
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import registry
-from .common import append_result, read_rows, script
+from pyspec_gguf import registry
+from pyspec_gguf.bench.common import append_result, read_rows, script
 
 BUFFER = re.compile(r"(\S+) compute buffer size = +([\d.]+) MiB")
 
@@ -46,13 +49,14 @@ def add_cli_args(p) -> None:
 def measure_one(spec: str, flash: str, n_ctx: int, prefill: int, threads: int) -> dict:
     """In this process: load, make a context, optionally prefill with the
     SpecPC-style capture armed (last 64 queries, every layer)."""
-    from .._log import logger, set_verbose
-    from ..engine import Model
-    from ..haystack import fit_tokens
-    from ..session import peak_rss
+    from pyspec_gguf import set_verbose
+    from pyspec_gguf.engine import Model
+    from pyspec_gguf.bench.haystack import fit_tokens
+    from pyspec_gguf.session import peak_rss
 
     # llama.cpp logs its compute buffers' sizes as it makes a context
     lines = []
+    logger = logging.getLogger("pyspec_gguf")
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logger.addHandler(handler)
@@ -90,7 +94,7 @@ def main(args) -> None:
     for spec in args.models.split(","):
         spec = registry.default_model(spec) if spec in ("draft", "target") else spec
         for flash in flashes:
-            cmd = [sys.executable, "-m", "pyspec_gguf.bench.memory", "--one", spec, flash, "--n-ctx",
+            cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--one", spec, flash, "--n-ctx",
                    str(args.n_ctx), "--prefill", str(args.prefill), "--threads", str(args.threads)]
             with tempfile.TemporaryDirectory(prefix="pyspec-bench-") as cwd:
                 done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)

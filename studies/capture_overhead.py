@@ -2,7 +2,10 @@
 capture armed for the last W queries (SpecPC's setting) against the same
 prefill with capture not armed, alternated in one run.
 
-    python -m pyspec_gguf.bench.capture_overhead --tokens 4096 --repeats 3
+    python -P studies/capture_overhead.py --tokens 4096 --repeats 3
+
+Reproduces bench/README.md, "Attention capture overhead
+(capture_overhead.jsonl)".
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import haystack, registry
-from ..engine import Model
-from ..passes import Clock, DraftNeeds, draft_pass
-from .common import append_result, summary
+from pyspec_gguf import registry
+from pyspec_gguf.bench import haystack
+from pyspec_gguf.bench.common import append_result, summary
+from pyspec_gguf.engine import Model
+from pyspec_gguf.passes import Clock, DraftNeeds, draft_pass
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:

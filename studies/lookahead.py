@@ -3,16 +3,19 @@ lookahead 1 (the paper's default: the prompt's last queries only), 16 and
 64, beside `speckv_pc` (whose prompt stage drafts 64), on the benchmark's
 tasks, and what the drafted steps cost.
 
-    python -P -m pyspec_gguf.bench.lookahead --tokens 8192 --samples 3 --budgets 1024
+    python -P studies/lookahead.py --tokens 8192 --samples 3 --budgets 1024
 
-One draft pass per prompt serves every variant (`forks.py`): the draft
-drafts the longest lookahead once, capturing each step's attention, and a
-shorter lookahead reads the first steps (greedy drafting is deterministic).
-The draft's prefill and lookahead seconds are recorded per prompt, so a
-variant's draft cost is the prefill plus its share of the steps. Rows are
-appended as they come; the same command later skips what is done. The
-summary gives each variant's mean score and its paired difference from
-lookahead 1 with a 95% interval (paired standard error over prompts).
+One draft pass per prompt serves every variant
+(`pyspec_gguf.bench.forks`): the draft drafts the longest lookahead once,
+capturing each step's attention, and a shorter lookahead reads the first
+steps (greedy drafting is deterministic). The draft's prefill and
+lookahead seconds are recorded per prompt, so a variant's draft cost is the
+prefill plus its share of the steps. Rows are appended as they come; the
+same command later skips what is done. The summary gives each variant's
+mean score and its paired difference from lookahead 1 with a 95% interval
+(paired standard error over prompts).
+
+Reproduces bench/README.md, "How far SpecPC looks ahead (lookahead.jsonl)".
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .. import registry
-from ..methods import make_method
-from ..session import SpecSession
-from .common import append_result, paired_interval, script
-from .forks import PromptForks
-from .tasks import TASKS, make_task
+from pyspec_gguf import registry
+from pyspec_gguf.bench.common import append_result, paired_interval, script
+from pyspec_gguf.bench.forks import PromptForks
+from pyspec_gguf.bench.tasks import TASKS, make_task
+from pyspec_gguf.methods import make_method
+from pyspec_gguf.session import SpecSession
 
 LOOKAHEADS = (1, 16, 64)
 
@@ -68,8 +71,7 @@ def main(args) -> None:
                 if not todo:
                     continue
                 task = make_task(name, s.target, args.tokens, seed)
-                tokens = s.tokenize(task.messages)
-                protected = s.protected_positions(tokens, s.template_tail(task.messages, tokens))
+                tokens, protected = s.prompt_positions(task.messages)
                 forks = PromptForks(s, tokens, protected, task.max_tokens, variants=methods)
                 try:
                     for variant, budget in todo:

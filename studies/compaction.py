@@ -1,7 +1,10 @@
 """KV memory before and after compaction: prefill a long prompt in the
 target, keep a budget of positions, compact into a context sized for it.
 
-    python -m pyspec_gguf.bench.compaction --tokens 4096 --budget 1024
+    python -P studies/compaction.py --tokens 4096 --budget 1024
+
+Reproduces bench/README.md, "KV memory before and after compaction
+(compaction.jsonl)".
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import haystack, registry
-from ..engine import Model
-from .common import append_result
+from pyspec_gguf import registry
+from pyspec_gguf.bench import haystack
+from pyspec_gguf.bench.common import append_result
+from pyspec_gguf.engine import Model
 
 
 def rss_bytes() -> int:

@@ -2,11 +2,14 @@
 llama.cpp must keep one token set for all layers and heads.
 
 One draft pass and one target prefill per prompt serve every variant
-(`forks.py`): each variant forks the prompt's KV (shared cells, no copy),
-keeps its selection, decodes the last prompt token again and generates.
-Accuracy only: no timing is taken.
+(`pyspec_gguf.bench.forks`): each variant forks the prompt's KV (shared
+cells, no copy), keeps its selection, decodes the last prompt token again
+and generates. Accuracy only: no timing is taken.
 
-    python -m pyspec_gguf.bench.aggregation --tokens 4096 --samples 4 --budgets 128,256,512
+    python -P studies/aggregation.py --tokens 4096 --samples 4 --budgets 128,256,512
+
+Reproduces bench/README.md, "One token set for all layers and heads: which
+aggregation (aggregation.jsonl)".
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import registry, selection
-from ..session import SpecSession
-from .common import append_result
-from .forks import PromptForks
-from .tasks import single_needle
+from pyspec_gguf import registry, selection
+from pyspec_gguf.bench.common import append_result
+from pyspec_gguf.bench.forks import PromptForks
+from pyspec_gguf.bench.tasks import single_needle
+from pyspec_gguf.session import SpecSession
 
 WINDOW, KERNEL = 32, 7
+QUESTION = 48  # tokens before the template's tail that are always kept: the question
 
 
 def aggregate(raw: np.ndarray, how: str, budget: int) -> np.ndarray:
@@ -53,9 +57,9 @@ def main(args) -> None:
     with SpecSession(progress=False) as s:
         for seed in range(args.samples):
             task = single_needle(s.target, args.tokens, seed)
-            tokens = s.tokenize(task.messages)
+            tail = s.template_tail(task.messages, s.tokenize(task.messages))
+            tokens, protected = s.prompt_positions(task.messages, protect_last=tail + QUESTION)
             n = len(tokens)
-            protected = s.protected_positions(tokens, s.template_tail(task.messages, tokens) + 48)
             forks = PromptForks(s, tokens, protected, args.max_tokens, variants=("snapkv", "speckv"),
                                 options={m: {"window": WINDOW, "kernel": KERNEL} for m in ("snapkv", "speckv")})
             protected = protected[protected < n - 1]

@@ -2,12 +2,15 @@
 ("head", by state rewrite): which keeps more accuracy, at which budgets.
 
 One draft pass and one target prefill per prompt serve every variant
-(`forks.py`): a "token" variant forks the prompt's KV and keeps its set; a
-"head" variant rewrites the state into a fresh context sized for the budget.
-Every variant keeps `budget` entries per head plus the last token, so the KV
-bytes are equal; the per-head selection and rewrite times are recorded.
+(`pyspec_gguf.bench.forks`): a "token" variant forks the prompt's KV and
+keeps its set; a "head" variant rewrites the state into a fresh context
+sized for the budget. Every variant keeps `budget` entries per head plus
+the last token, so the KV bytes are equal; the per-head selection and
+rewrite times are recorded.
 
-    python -m pyspec_gguf.bench.granularity --tokens 4096 --samples 1 --budgets 64,128,256,512
+    python -P studies/granularity.py --tokens 4096 --samples 1 --budgets 64,128,256,512
+
+Reproduces bench/README.md, "One KV set or one per head (granularity.jsonl)".
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import registry
-from ..scoring import aggregate
-from ..session import SpecSession
-from .common import append_result
-from .forks import PromptForks
-from .tasks import TASKS, make_task
+from pyspec_gguf import registry
+from pyspec_gguf.bench.common import append_result
+from pyspec_gguf.bench.forks import PromptForks
+from pyspec_gguf.bench.tasks import TASKS, make_task
+from pyspec_gguf.scoring import aggregate
+from pyspec_gguf.session import SpecSession
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -42,9 +45,8 @@ def main(args) -> None:
         for seed in range(args.samples):
             for name in args.tasks.split(","):
                 task = make_task(name, s.target, args.tokens, seed)
-                tokens = s.tokenize(task.messages)
+                tokens, protected = s.prompt_positions(task.messages)
                 n = len(tokens)
-                protected = s.protected_positions(tokens, s.template_tail(task.messages, tokens))
                 forks = PromptForks(s, tokens, protected, task.max_tokens, variants=("snapkv", "speckv"))
                 protected = protected[protected < n - 1]
                 base = {"bench": "granularity", "models": models, "seed": seed, "task": name, "prompt_tokens": n,

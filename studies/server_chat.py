@@ -4,11 +4,15 @@ Per turn: time to first token seen by the client, the server's own figures
 (draft and target prefix-cache hits, kept tokens) and whether the answer
 holds the right number; for each method asked, in a fresh server.
 
-    python -P -m pyspec_gguf.bench.server_chat --tokens 8192 --questions 5 --methods specpc,full
+    python -P studies/server_chat.py --tokens 8192 --questions 5 --methods specpc,full
 
 Needs the server and test extras (the official `openai` client). The
-conversation is `bench.document`'s: one magic number per question hidden
-in the benchmark's haystack. Rows are appended to --out as they come.
+conversation is `studies/document.py`'s (`bench.tasks.make_conversation`):
+one magic number per question hidden in the benchmark's haystack. Rows are
+appended to --out as they come.
+
+Reproduces bench/README.md, "The same chat through the OpenAI-compatible server
+(server_chat.jsonl)".
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..document import first_turn, later_turn
-from ..engine import Model
-from .. import registry
-from .common import append_result, script
-from .document import make_conversation
+from pyspec_gguf import registry
+from pyspec_gguf.bench.common import append_result, script
+from pyspec_gguf.bench.tasks import make_conversation
+from pyspec_gguf.document import first_turn, later_turn
+from pyspec_gguf.engine import Model
 
 
 def start(args, method: str, port: int):

@@ -1,7 +1,7 @@
 """Chat with one document: per turn, time to first token, accuracy, KV held
 and peak RSS of five ways to answer a conversation of questions about it.
 
-    python -P -m pyspec_gguf.bench.document --tokens 8192 --questions 5
+    python -P studies/document.py --tokens 8192 --questions 5
 
 cold_full    `generate(method="full")` per turn: everything prefilled every time
 warm_full    a Document asked with `full`: the target's KV of the conversation
@@ -16,6 +16,9 @@ number per question hidden at random depths; a turn is right when its answer
 holds the number. Each configuration runs in its own process (peak RSS is
 the process's own); rows are appended to the output as they come, and the
 same command later skips the configurations the file already holds.
+
+Reproduces bench/README.md, "Chat with one 8K-token document, five questions
+(document.jsonl)".
 """
 
 from __future__ import annotations
@@ -23,17 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ..document import conversation, question_protect
-from ..session import SpecSession
-from .common import append_result
-from .tasks import KEYS, NEEDLE_INTRO, _needle, _number, _with_facts
+from pyspec_gguf.bench.common import append_result
+from pyspec_gguf.bench.tasks import make_conversation
+from pyspec_gguf.document import conversation, question_protect
+from pyspec_gguf.session import SpecSession
+from pyspec_gguf.store import read_state
 
 CONFIGS = {  # name: (method, asked through a Document)
     "cold_full": ("full", False),
@@ -43,17 +46,6 @@ CONFIGS = {  # name: (method, asked through a Document)
     "doc_speckv": ("speckv", True),
     "disk": (None, True),
 }
-
-
-def make_conversation(model, n_tokens: int, n_questions: int, seed: int):
-    """(document text, [(question, expected number)])."""
-    rng = random.Random(seed)
-    keys = rng.sample(KEYS, n_questions)
-    values = [_number(rng) for _ in keys]
-    text = NEEDLE_INTRO + _with_facts(model, n_tokens, [_needle(k, v) for k, v in zip(keys, values)], rng,
-                                      60 + 30 * n_questions)
-    return text, [(f"What is the special magic number for {k} mentioned in the provided text?", v)
-                  for k, v in zip(keys, values)]
 
 
 def run_config(name: str, args) -> list:
@@ -100,11 +92,11 @@ def _disk(session, text: str, base: dict) -> dict:
         t0 = time.perf_counter()
         doc.save(Path(tmp) / "again.psgdoc")
         save_s = time.perf_counter() - t0
-        from ..store import read_state
         t0 = time.perf_counter()
-        blob = read_state(path, doc.prefix, session.draft.sha256())
+        read_state(path, doc.prefix, session.draft.sha256())
         check_s = time.perf_counter() - t0
-        doc._draft.load(doc.prefix, blob, len(doc.prefix))
+        t0 = time.perf_counter()
+        doc.load(path)
         load_s = time.perf_counter() - t0
         row = {**base, "prompt_tokens": len(doc.prefix), "read_s": doc.read_seconds, "save_s": save_s,
                "load_s": load_s, "check_s": check_s, "file_bytes": path.stat().st_size}
@@ -113,7 +105,7 @@ def _disk(session, text: str, base: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pyspec_gguf.bench.document", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -P studies/document.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--questions", type=int, default=5)
@@ -140,7 +132,7 @@ def main(argv=None) -> int:
             print(f"{name}: already in {out}", file=sys.stderr)
             continue
         print(f"{name} ...", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, "-P", "-m", "pyspec_gguf.bench.document",
+        done = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()),
                                *(sys.argv[1:] if argv is None else argv), "--config", name])
         if done.returncode:
             return done.returncode

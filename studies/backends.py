@@ -2,9 +2,9 @@
 compaction, the per-head state rewrite and whole answers, saved as numbers
 to compare with the CPU build's.
 
-    python -P -m pyspec_gguf.bench.backends --n-gpu-layers 0 --out cpu.npz
-    GGML_VK_VISIBLE_DEVICES=0 python -P -m pyspec_gguf.bench.backends --n-gpu-layers 99 --out vulkan.npz
-    python -P -m pyspec_gguf.bench.backends --compare cpu.npz vulkan.npz
+    python -P studies/backends.py --n-gpu-layers 0 --out cpu.npz
+    GGML_VK_VISIBLE_DEVICES=0 python -P studies/backends.py --n-gpu-layers 99 --out vulkan.npz
+    python -P studies/backends.py --compare cpu.npz vulkan.npz
 
 With the layers offloaded, the KV cache and the attention tensors live in
 device memory: the capture reads them with ggml_backend_tensor_get, the
@@ -21,6 +21,9 @@ pyspec_gguf (and llama.cpp build) that interpreter has installed. Results
 are saved after each part; --parts and --lookahead shorten a slow backend's
 run. A CPU-type Vulkan device such as Mesa's lavapipe is only used when
 GGML_VK_VISIBLE_DEVICES names it.
+
+Reproduces bench/README.md, "On another backend: Vulkan through lavapipe
+(studies/backends.py)".
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import time
 
 import numpy as np
 
-from pyspec_gguf import _native, haystack
+from pyspec_gguf import _native
+from pyspec_gguf.bench import haystack
 from pyspec_gguf.bench.tasks import make_task
 from pyspec_gguf.engine import Model, Sampling
 from pyspec_gguf.session import SpecSession
