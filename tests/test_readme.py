@@ -117,7 +117,7 @@ RUN_FAST = (
 DEMO_QUESTION = "How much did the contract for the outer breakwater come to?"
 RUN_SLOW = (  # the draft/target pair
     "pyspec-gguf ask --doc examples/kestrel-bay-harbour-report.md "
-    f'--question "{DEMO_QUESTION}" --method specpc',
+    f'--question "{DEMO_QUESTION}" --method specpc --budget 512',
     "pyspec-gguf models fetch",
     "pyspec-gguf models path Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF:qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
     "pyspec-gguf compress --doc examples/kestrel-bay-harbour-report.md "
