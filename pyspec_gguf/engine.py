@@ -212,7 +212,8 @@ class Model:
     # -- contexts
     def context(self, n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_threads: int = 0,
                 n_seq_max: int = 1, flash_attn: str = "off", type_k: str = "f16", type_v: str = "f16") -> "Context":
-        """A new context. flash_attn: 'off' (attention capture reads the
+        """A new context (the low-level default is 'off'; SpecSession's is
+        'auto'). flash_attn: 'off' (attention capture reads the
         softmax), 'on' (capture scores from the queries and cached keys), or
         'auto' (llama.cpp decides; on CPU it turns it on).
         type_k, type_v: KV cache types (f16, q8_0, q4_0, ...; a quantized V

@@ -106,15 +106,19 @@ class SpecSession:
             requantized (e.g. "q4_0", whose CPU kernels prefill fastest) and/or
             cut to its first `draft_layers` layers (their attention is exactly
             the full draft's; its drafted tokens are not).
-        flash_attn: "off", "on" or "auto" (llama.cpp decides per backend),
-            for every context of both models. Attention capture works
-            either way: with it off the softmax llama.cpp computes is read,
-            with it on the observation rows' softmax is computed from the
-            queries and the cached keys.
+        flash_attn: "auto" (llama.cpp's default: on wherever the backend
+            supports it, the CPU included), "on" or "off", for every context
+            of both models. Attention capture works either way: with it off
+            the softmax llama.cpp computes is read, with it on the
+            observation rows' softmax is computed from the queries and the
+            cached keys; the two agree within noise (docs/architecture.md).
+            Results are reproducible for one setting; two computations of
+            the same prompt in different batch shapes (a cached prefix and a
+            cold prefill) agree to the last bit only with it off.
     """
 
     def __init__(self, draft: Optional[str] = "", target: Optional[str] = None, n_threads: int = 0,
-                 n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0, flash_attn: str = "off",
+                 n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0, flash_attn: str = "auto",
                  draft_quant: Optional[str] = None, draft_layers: int = 0, progress: bool = True):
         check_session_options(n_threads, n_gpu_layers, flash_attn, draft_quant, draft_layers)
         target = target or registry.default_model("target")
@@ -312,7 +316,7 @@ class Call:
     protected: np.ndarray
 
 
-def check_session_options(n_threads: int = 0, n_gpu_layers: int = 0, flash_attn: str = "off",
+def check_session_options(n_threads: int = 0, n_gpu_layers: int = 0, flash_attn: str = "auto",
                           draft_quant: Optional[str] = None, draft_layers: int = 0) -> None:
     """SpecSession's engine options, checked before any model loads."""
     def integer(value) -> bool:

@@ -37,7 +37,7 @@ def test_cut_marks_each_dropped_run():
 
 
 def test_compressed_text_spells_the_kept_tokens(session, prose):
-    prompt = f"{prose} The vault code is 4471. {prose}"
+    prompt = f"{prose[:1100]} The vault code is 4471. {prose[1100:]}"
     short = session.compress(prompt, budget=120, marker="")
     tokens = session.tokenize(prompt)
     assert short.kept_tokens == 120 and short.prompt_tokens == len(tokens)
@@ -51,7 +51,7 @@ def test_compressed_text_spells_the_kept_tokens(session, prose):
 def test_compressed_messages_keep_roles_and_order(session, prose):
     question = "What is the vault code?"
     messages = [{"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": f"{prose} The vault code is 4471. {prose}\nQuestion: {question}"}]
+                {"role": "user", "content": f"{prose[:1100]} The vault code is 4471. {prose[1100:]}\nQuestion: {question}"}]
     short = session.compress(messages, budget=150, protect_last=12)
     assert [m["role"] for m in short.messages] == ["system", "user"]
     assert short.messages[0]["content"] == "Answer briefly."  # short, and all of it scored high enough

@@ -20,7 +20,8 @@ def session(small_path):
 
 @pytest.fixture(scope="module")
 def messages(prose):
-    doc = prose + " " + NEEDLE + " " + prose[:600]
+    """About 360 tokens with the chat template, the fact in the middle."""
+    doc = prose[:1000] + " " + NEEDLE + " " + prose[1000:1500]
     return [{"role": "user", "content": doc + "\n\nWhat is the secret code of the blue door?"}]
 
 

@@ -13,7 +13,9 @@ from pyspec_gguf.passes import DraftNeeds, TargetNeeds
 
 @pytest.fixture(scope="module")
 def session(small_path):
-    with SpecSession(draft=str(small_path), target=str(small_path), progress=False) as s:
+    # flash attention off: forks and generate compute over differently laid out
+    # caches, which agree to the last bit only without it
+    with SpecSession(draft=str(small_path), target=str(small_path), flash_attn="off", progress=False) as s:
         yield s
 
 
@@ -28,18 +30,18 @@ def long_tokens(session, prose):
 
 @pytest.mark.parametrize("method,options", [("speckv", {}), ("speckv_pc", {"pc_budget": 248})])
 def test_no_length_overflows_a_context(session, long_tokens, method, options):
-    """Prompt lengths on both sides of a 256-cell padding boundary of n_ctx
-    (every length from 248 to 258), with the default 64-token lookahead (the
-    cascade's prompt stage starts at 249 tokens here): each context is sized
-    from the prompt, the lookahead and the answer, so none runs out of cells.
-    A context sized n + 8, as SpecKV's draft context once was, fails from
-    n = 194 on."""
-    for n in [236, 242, *range(248, 259), 262]:
+    """Prompt lengths on both sides of a 256-cell padding boundary of n_ctx,
+    with the default 64-token lookahead (the cascade's prompt stage cuts
+    from 249 tokens here): each context is sized from the prompt, the
+    lookahead and the answer, so none runs out of cells. A context sized
+    n + 8, as SpecKV's draft context once was, fails from n = 194 to 248."""
+    for n in [248, 257]:
         r = session.generate(long_tokens[:n], method=method, budget=128, max_tokens=3, **options)
         assert r.stats.prompt_tokens == n
         assert r.kept[-1] == n - 1 and r.stats.kept_tokens == 128 + 1
 
 
+@pytest.mark.slow  # two 2K prompts: a regression test, not one to run before every commit
 @pytest.mark.parametrize("method,n", [("speckv", 2032), ("speckv_pc", 2049)])
 def test_no_overflow_at_the_default_sizes(session, long_tokens, method, n):
     """The 2,032-token prompt that once failed, and the cascade just past its
@@ -49,9 +51,9 @@ def test_no_overflow_at_the_default_sizes(session, long_tokens, method, n):
 
 
 def test_a_long_answer_fits_too(session, long_tokens):
-    r = session.generate(long_tokens[:500], method="draft", max_tokens=40)
+    r = session.generate(long_tokens[:300], method="draft", max_tokens=40)
     assert r.stats.generated_tokens >= 1
-    r = session.generate(long_tokens[:500], method="speckv", budget=128, max_tokens=40, lookahead=200)
+    r = session.generate(long_tokens[:300], method="speckv", budget=128, max_tokens=40, lookahead=200)
     assert r.stats.kept_tokens == 129
 
 
@@ -59,10 +61,10 @@ def test_a_long_answer_fits_too(session, long_tokens):
 def test_last_prompt_token_decodes_at_its_own_position(session, long_tokens, method):
     """x[N-2] is always kept, whatever the method's window: the last prompt
     token then decodes at N-1, the position `Result.kept` reports."""
-    tokens = long_tokens[:600]
+    tokens = long_tokens[:300]
     options = {"window": 1} if method != "streamingllm" else {"sinks": 0}
     r = session.generate(tokens, method=method, budget=64, max_tokens=2, **options)
-    assert 598 in r.kept.tolist() and r.kept[-1] == 599
+    assert 298 in r.kept.tolist() and r.kept[-1] == 299
 
 
 def test_window_zero_is_refused_for_kv_methods():
@@ -98,7 +100,7 @@ def test_needs_merge_only_where_one_pass_serves_both():
 def test_forks_answer_as_generate_does(session, long_tokens):
     """One analysis, every variant as a fork, with the methods' real options:
     the kept cells and the greedy answers equal generate's."""
-    tokens = long_tokens[:900]
+    tokens = long_tokens[:256]
     protected = session.protected_positions(tokens, 0)
     variants = ("full", "specpc", "speckv@token", "snapkv@token", "speckv@head", "streamingllm", "headtail")
     options = {"speckv@token": {"lookahead": 12, "window": 16}, "speckv@head": {"lookahead": 12},
@@ -122,8 +124,8 @@ def test_eviction_cut_on_the_host_answers_alike(session, long_tokens, monkeypatc
     once and drops the other cells on the host: the same cells, the same
     answers as llama.cpp's own removal and compaction."""
     from pyspec_gguf import passes
-    tokens = long_tokens[:700]
-    methods = ("speckv", "snapkv", "streamingllm")
+    tokens = long_tokens[:320]
+    methods = ("speckv", "streamingllm")  # by scores (snapkv's path too) and by position
     before = [session.generate(tokens, method=m, budget=128, max_tokens=8) for m in methods]
     routes = []
     cut_on_host = passes._cut_on_host

@@ -42,8 +42,9 @@ def add_load_args(parser, target_help: str = "target model spec (default: the re
 
 
 def add_engine_args(parser) -> None:
-    parser.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off",
-                        help="flash attention in every context (default: %(default)s)")
+    parser.add_argument("--flash-attn", choices=["off", "on", "auto"], default="auto",
+                        help="flash attention in every context (default: %(default)s, llama.cpp's: on wherever "
+                             "the backend supports it; 'off' can be faster on some CPUs, see the README)")
     parser.add_argument("--draft-quant", default=None, metavar="TYPE",
                         help="requantize the draft once (cached), e.g. q4_0: a faster prefill on CPUs")
     parser.add_argument("--draft-layers", type=int, default=0, metavar="K",
