@@ -18,7 +18,7 @@ import ctypes
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -45,23 +45,23 @@ def requantized(src: Path, quant: str, threads: int = 0) -> Path:
     quant = quant.lower()
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(QUANTS)}, not {quant!r}")
-    out = _derived_path(src, quant)
-    return _cached(src, out, {"quant": quant}, lambda tmp: _quantize(src, tmp, quant, threads))
+    out = derived_path(src, quant)
+    return made_once(src, out, {"quant": quant}, lambda tmp: _quantize(src, tmp, quant, threads))
 
 
 def truncated(src: Path, layers: int) -> Path:
     """`src` cut to its first `layers` blocks: block_count = layers, the
     later blocks' tensors dropped. Attention in the kept layers is exactly
     the full model's; its logits (and so drafted tokens) are not."""
-    out = _derived_path(src, f"L{layers}")
-    return _cached(src, out, {"layers": layers}, lambda tmp: _truncate(src, tmp, layers))
+    out = derived_path(src, f"L{layers}")
+    return made_once(src, out, {"layers": layers}, lambda tmp: _truncate(src, tmp, layers))
 
 
-def _derived_path(src: Path, tag: str) -> Path:
+def derived_path(src: Path, tag: str) -> Path:
     return registry.cache_dir() / "derived" / f"{src.stem}.{tag}.gguf"
 
 
-def _cached(src: Path, out: Path, how: dict, make) -> Path:
+def made_once(src: Path, out: Path, how: dict, make) -> Path:
     record_path = out.with_suffix(".json")
     source = {"name": src.name, "size": src.stat().st_size}
     if out.exists() and record_path.exists():
@@ -114,28 +114,50 @@ def _truncate(src: Path, dst: Path, layers: int) -> None:
 
 def copy_gguf(reader, dst: Path, changed: dict, drop=lambda name: False) -> None:
     """Write the GGUF that `reader` (a gguf.GGUFReader) reads to `dst`, with
-    the metadata values in `changed` (new keys as uint32, float32 or string
-    by their Python type) and without the tensors `drop` names."""
+    the metadata values in `changed` and without the tensors `drop` names."""
+    tensors = [NewTensor(t.name, t.data.shape, t.data.dtype, t.tensor_type, lambda t=t: np.asarray(t.data))
+               for t in reader.tensors if not drop(t.name)]
+    write_gguf(reader, dst, changed, tensors)
+
+
+class NewTensor(NamedTuple):
+    """A tensor to write: its data's shape and numpy type (for a quantized
+    type, uint8 rows of its blocks' bytes), its GGML type, and a function
+    that makes the data when it is written (one tensor in memory at a time)."""
+    name: str
+    shape: tuple
+    dtype: np.dtype
+    ggml_type: object
+    data: Callable[[], np.ndarray]
+
+
+def write_gguf(reader, dst: Path, changed: dict, tensors: list) -> None:
+    """A GGUF at `dst` with `reader`'s metadata (a gguf.GGUFReader's), the
+    values in `changed` replacing or adding to it (new keys as uint32,
+    float32 or string by their Python type, None: removed), and `tensors`."""
     from gguf import GGUFValueType, GGUFWriter
 
     writer = GGUFWriter(dst, reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue  # written by the writer itself
+        value = changed.get(field.name, field.contents())
+        if value is None:
+            continue
         sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, changed.get(field.name, field.contents()), field.types[0], sub_type=sub_type)
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
     for key, value in changed.items():
-        if key not in reader.fields:
+        if key not in reader.fields and value is not None:
             kind = {int: GGUFValueType.UINT32, float: GGUFValueType.FLOAT32}.get(type(value), GGUFValueType.STRING)
             writer.add_key_value(key, value, kind)
-    kept = [t for t in reader.tensors if not drop(t.name)]
-    for t in kept:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
+    for t in tensors:
+        nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
+        writer.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), nbytes, raw_dtype=t.ggml_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for t in kept:
-        writer.write_tensor_data(np.asarray(t.data))
+    for t in tensors:
+        writer.write_tensor_data(t.data())
     writer.close()
 
 

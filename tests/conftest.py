@@ -52,3 +52,15 @@ def prose():
         "The miller's daughter wrote the stories down in a blue notebook that she kept under her bed.",
     ]
     return " ".join(sentences * 4)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model load fails the test: the checks must come first."""
+    loaded = []
+
+    def refuse(spec, *args, **kwargs):
+        loaded.append(spec)
+        raise AssertionError(f"a model was loaded: {spec}")
+    monkeypatch.setattr(pyspec_gguf.session, "Model", refuse)
+    return loaded

@@ -219,18 +219,6 @@ def test_negative_threads_are_refused(tmp_path, capsys, command):
     assert "threads must be >= 0 (0: all cores)" in capsys.readouterr().err
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any model load fails the test: the checks must come first."""
-    loaded = []
-
-    def refuse(spec, *args, **kwargs):
-        loaded.append(spec)
-        raise AssertionError(f"a model was loaded: {spec}")
-    monkeypatch.setattr(pyspec_gguf.session, "Model", refuse)
-    return loaded
-
-
 def test_a_missing_draft_is_reported_before_the_target_loads(small_path, tmp_path, capsys, no_model_loads):
     (tmp_path / "d.txt").write_text("some text")
     missing = str(tmp_path / "missing-draft.gguf")

@@ -16,6 +16,8 @@ from typing import Optional
 import numpy as np
 
 from .common import machine, machine_label, paired_interval
+from .by_target import plot_targets, target_rows, target_table
+from .standin import is_standin
 
 
 def load_runs(path: Path) -> list:
@@ -50,6 +52,8 @@ def config_label(variant: str, models: dict, options: dict = None) -> str:
         tags.append("draft " + m.group(1).replace(".", " "))
     if models.get("flash_attn", "off") != "off":
         tags.append(f"flash {models['flash_attn']}")
+    if is_standin(models.get("target")):
+        tags.append(models["target"].replace(":", " "))
     return f"{variant} [{', '.join(tags)}]" if tags else variant
 
 
@@ -175,6 +179,10 @@ def load_labelled(runs: Path) -> list:
 def build(runs: Path, out: Path, profile: str) -> list:
     raw = load_labelled(runs)
     answers = [r for r in raw if r["kind"] == "answer"]
+    noise = sorted({r["models"]["target"] for r in answers if is_standin(r["models"].get("target"))})
+    if noise:
+        raise ValueError(f"{runs} holds answers of {', '.join(noise)}: a stand-in's answers are noise and "
+                         "never reach an accuracy table (its rows are timing runs only)")
     groups, timings = defaultdict(list), defaultdict(list)
     for r in answers:
         groups[(r["context_tokens"], r["variant"], r["budget"])].append(r)
@@ -192,10 +200,9 @@ def build(runs: Path, out: Path, profile: str) -> list:
         context, variant, budget = key
         rs, ts = groups.get(key, []), timings.get(key, [])
         models = (rs or ts)[0]["models"]
-        # every configuration against llama.cpp's defaults: on a CPU the
-        # faster `full`, so a ratio to it flatters no configuration
-        full_rs = groups.get((context, "full", 0), [])
-        full_runs = timings.get((context, "full", 0), [])
+        full = reference_full(context, models, set(groups) | set(timings))
+        full_rs = groups.get((context, full, 0), [])
+        full_runs = timings.get((context, full, 0), [])
         full_t = _timing_summary(full_runs, lambda *_: None)
         # None where either is untimed; False: no run of this one shares a sitting with full's
         beside_full = (bool({sitting_of[id(t)] for t in ts} & {sitting_of[id(t)] for t in full_runs})
@@ -232,10 +239,25 @@ def build(runs: Path, out: Path, profile: str) -> list:
             f.write(json.dumps(row) + "\n")
     diffs = differences(answers)
     docs = document_rows(out)
-    (out / "latest.md").write_text(markdown(rows, targets(rows, answers), diffs, docs))
+    sizes = target_rows(rows)
+    (out / "latest.md").write_text(markdown(rows, targets(rows, answers), diffs, docs, sizes))
     plot(rows, out)
     plot_document(docs, out)
+    if sizes:
+        plot_targets(sizes, out, _pyplot())
     return rows
+
+
+def reference_full(context: int, models: dict, keys: set) -> str:
+    """The `full` a configuration is compared with: that of its target with
+    flash attention off (on a CPU the faster `full`, so a ratio to it
+    flatters no configuration), else that of its own settings (a stand-in
+    timed only with flash attention on)."""
+    target = {"target": models["target"]} if is_standin(models.get("target")) else {}
+    plain = config_label("full", target)
+    if (context, plain, 0) in keys:
+        return plain
+    return config_label("full", {**target, **({"flash_attn": models["flash_attn"]} if "flash_attn" in models else {})})
 
 
 # pairs whose gap the report gives at every context and budget, beside each
@@ -478,7 +500,7 @@ def _names(rows: list, role: str) -> str:
     return ", ".join(f"`{name}`" for name in sorted({r["models"].get(role) for r in rows}))
 
 
-def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = ()) -> str:
+def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = (), sizes: list = ()) -> str:
     if not rows:
         return "No results yet.\n"
     r0 = rows[0]
@@ -486,8 +508,9 @@ def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = ()) -
     cmds = "\n".join(f"    {c}" for c in r0["commands"])
     return (f"# Benchmark\n\n"
             f"Models: draft {_names(rows, 'draft')}, target {_names(rows, 'target')}; a method in "
-            f"brackets ran with a derived draft or flash attention; every method is compared with plain `full` "
-            f"(llama.cpp's defaults, flash attention off, on this CPU the faster `full`). "
+            f"brackets ran with a derived draft, flash attention or a stand-in target; every method is compared "
+            f"with plain `full` of its target (flash attention off, on this CPU the faster `full`), or where "
+            f"that was not timed, with `full` of its own settings. "
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}.\n\nProduced by:\n\n{cmds}\n\n"
             f"Accuracy is RULER's score (fraction of expected strings in the answer), averaged over the prompts "
             f"(every task, every seed), with a 95% bootstrap interval over prompts. TTFT, decode speed and peak RSS "
@@ -502,6 +525,9 @@ def markdown(rows: list, checks: list = (), diffs: list = (), docs: list = ()) -
             f"zero.\n\n{differences_table(diffs)}\n\n"
             f"## Every row\n\n{table(rows)}\n\n"
             f"## Time and memory against length\n\n{scale_table(rows)}\n\n"
+            + (f"## Time to first token by target size\n\nBudget 1024; a stand-in target has the shapes and "
+               f"quantization types of the model it names and random weights, so only its times count "
+               f"(targets.png plots the ratios).\n\n{target_table(sizes)}\n\n" if sizes else "") +
             f"## A conversation over one document\n\nTime to first token per turn (`python -P "
             f"studies/document.py`; rows in document*.jsonl, the latest run of each configuration).\n\n"
             f"{document_table(docs)}\n\n"

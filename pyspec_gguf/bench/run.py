@@ -33,10 +33,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import registry
+from .._log import logger as log
 from ..derive import derived_draft
 from ..methods import make_method, parse_option
 from ..session import SpecSession
-from . import readme, report
+from . import readme, report, standin
 from .common import append_result, machine, machine_label
 from .forks import VARIANTS, PromptForks
 from .tasks import TASKS, make_task
@@ -114,10 +115,13 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help="time the timed variants again even where runs.jsonl holds their runs: the report then "
                         "takes each one's runs from this sitting on (runs.jsonl keeps the earlier ones)")
     p.add_argument("--draft", help="draft model (default: the profile's)")
-    p.add_argument("--target", help="target model (default: the profile's)")
+    p.add_argument("--target", help="target model (default: the profile's); standin:qwen2.5-3b, -7b or -14b "
+                   "times a target of that model's shapes with random weights, made once from the default target's "
+                   "file (timing only: its answers are noise and are never scored)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off",
-                   help="flash attention in every context (default: off)")
+                   help="flash attention in every context (default: off, as in the committed results, so that "
+                        "new rows compare with them; rows with another setting are labelled in the report)")
     p.add_argument("--draft-quant", default=None, metavar="TYPE", help="the draft requantized (cached), e.g. q4_0")
     p.add_argument("--draft-layers", type=int, default=0, metavar="K", help="the draft cut to its first K layers")
     p.add_argument("--report", action="store_true", help="only rebuild latest.jsonl, the tables and the plots")
@@ -145,6 +149,10 @@ def resolve(args) -> Profile:
         prof.variants = _csv(args.variants)
         prof.timed = {v: b for v, b in prof.timed.items() if v in prof.variants}
     prof.options = parse_method_options(args.option)
+    if standin.is_standin(prof.target):
+        standin.check_standin(prof.target)
+        if args.only == "answers":
+            raise ValueError(f"{prof.target} is timed only: its answers are noise (drop --only answers)")
     for name in prof.tasks:
         if name not in TASKS:
             raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
@@ -223,6 +231,13 @@ def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash
     draft = prof.draft or registry.default_model("draft")
     target = prof.target or registry.default_model("target")
     models = {"draft": draft, "target": target}
+    if standin.is_standin(target):
+        # made once from the default target's file; the rows name the stand-in
+        source = registry.resolve(registry.default_model("target"))
+        target = str(standin.standin_target(source, standin.check_standin(target)))
+        if only != "timing":
+            log.info("%s: timing only, its answers are noise", models["target"])
+            only = "timing"
     if draft_quant or draft_layers:
         # made once here; the rows name the derived file
         draft = str(derived_draft(registry.resolve(draft), draft_quant, draft_layers, threads))
