@@ -90,6 +90,7 @@ def plot_targets(entries: list, out: Path, plt) -> None:
         ax.set_xscale("log")
         sizes = sorted({e["size_b"] for e in entries})
         ax.set_xticks(sizes, [f"{s:g}B" for s in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("target size (billions of parameters; above 1.5B a stand-in, timed only)")
         ax.set_ylabel(f"{method} TTFT / full TTFT")
         ax.set_title(f"{method}, budget 1024")
