@@ -63,7 +63,7 @@ class Compressed:
 def check_compressible(method) -> None:
     """Only a method that selects prompt tokens, and nothing after, gives a
     text to compress to."""
-    if method.prompt_stage is None or method.kv_stage is not None:
+    if method.prompt_stage is None or method.kv_stage is not None or method.name == "auto":
         raise ValueError(f"{method.name} does not select prompt tokens; compress with a prompt method "
                          "(specpc, specprefill, selfinfo, headtail)")
 

@@ -33,7 +33,8 @@ from .engine import Sampling
 from .methods import Method, make_method
 from .passes import Clock, DraftNeeds, draft_pass
 from .pipeline import Caches
-from .prefix import PrefixCache, common_prefix
+from .prefix import PrefixCache, cached_tokens, common_prefix
+from .session import resolve_budget
 from .store import StateFileError, read_state, state_path, write_state
 
 INSTRUCTION = "Answer the question about the text above."
@@ -98,17 +99,26 @@ class Document:
     def protect_last(self, question: str) -> int:
         return question_protect(self.session.target, question)
 
-    def ask(self, question: str, method: Union[str, Method] = "specpc", budget: Union[int, float] = 1024,
+    def ask(self, question: str, method: Union[str, Method] = "auto", budget: Union[int, float] = 1024,
             max_tokens: int = 256, stream: bool = False, sampling: Sampling = Sampling(),
             progress: Optional[Callable[[int, int], None]] = None, **method_options):
         """Answer `question` in the conversation; the answer joins it. Same
-        arguments and result as `SpecSession.generate`."""
+        arguments and result as `SpecSession.generate`; the default, "auto",
+        takes `full` or `specpc`, whichever is predicted to answer sooner,
+        counting what the draft's and the target's caches of the
+        conversation already hold."""
         if isinstance(method, str):
             method = make_method(method, **method_options)
             method_options = {}
+        messages, choice = self.messages(question), None
+        if method.name == "auto":
+            tokens = self.session.tokenize(messages)
+            method, choice = self.session.choose(method, tokens, resolve_budget(budget, len(tokens)),
+                                                 cached_tokens(self._draft, tokens),
+                                                 cached_tokens(self._target, tokens), progress)
         caches = Caches(draft=self._draft, target=self._target_cache(method))
-        call = self.session.stream(self.messages(question), method, budget, max_tokens, sampling,
-                                   self.protect_last(question), progress, method_options, caches)
+        call = self.session.stream(messages, method, budget, max_tokens, sampling, self.protect_last(question),
+                                   progress, method_options, caches, choice=choice)
         call.on_result = lambda result: self._answered(question, result)
         return call if stream else call.run()
 

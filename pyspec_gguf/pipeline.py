@@ -59,6 +59,8 @@ class Analysis:
     def __init__(self, session, tokens: np.ndarray, protected: np.ndarray, max_tokens: int,
                  methods: Sequence[Method], fork: bool = False, progress: Optional[Callable] = None,
                  clock: Optional[Clock] = None, caches: Optional["Caches"] = None):
+        if any(m.name == "auto" for m in methods):
+            raise ValueError("auto chooses a method per prompt: resolve it first (SpecSession.choose)")
         self.session, self.tokens, self.protected = session, tokens, protected
         self.caches = caches or Caches()
         self.used_draft_cache = self.used_target_cache = False

@@ -23,6 +23,11 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
+def cached_tokens(cache: Optional["PrefixCache"], tokens: np.ndarray) -> int:
+    """Prompt tokens `cache` (None: no cache) already holds for `tokens`."""
+    return 0 if cache is None else common_prefix(cache.tokens, tokens)
+
+
 class PrefixCache:
     """One model's context whose sequence 0 holds the KV of `tokens`.
 
@@ -141,14 +146,26 @@ class PrefixPool:
         self._taken: set = set()
         self._lock = threading.Lock()
 
-    def take(self, tokens: np.ndarray) -> Optional[PrefixCache]:
+    def cached_tokens(self, tokens: np.ndarray) -> int:
+        """Prompt tokens a `take` of `tokens` would find cached now."""
         with self._lock:
-            free = [c for c in self._caches if id(c) not in self._taken]
-            best, shared = None, 0
-            for cache in free:
+            return self._best(tokens)[1]
+
+    def _best(self, tokens: np.ndarray) -> tuple:
+        """(the free cache holding the longest common prefix, provided it
+        keeps at least half of what the cache holds, or None; that prefix)."""
+        best, shared = None, 0
+        for cache in self._caches:
+            if id(cache) not in self._taken:
                 n = common_prefix(cache.tokens, tokens)
                 if n > shared and 2 * n >= len(cache.tokens):
                     best, shared = cache, n
+        return best, shared
+
+    def take(self, tokens: np.ndarray) -> Optional[PrefixCache]:
+        with self._lock:
+            free = [c for c in self._caches if id(c) not in self._taken]
+            best = self._best(tokens)[0]
             if best is None:
                 if len(self._caches) < self.slots:
                     best = PrefixCache(self.model, self.options, self.n_seq)

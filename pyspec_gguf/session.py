@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import registry
+from ._log import logger as log
 from .derive import QUANTS, derived_draft
 from .engine import Model, PromptTooLong, Sampling, default_threads, iter_text
 from .methods import Method, make_method
 from .passes import STAGES
-from .pipeline import Analysis
+from .pipeline import Analysis, Caches
+from .prefix import cached_tokens
+from .speed import Choice, ModelSpeed, SpeedBook, calibrate, speed_key
 
 if TYPE_CHECKING:
     from .compress import Compressed
@@ -44,13 +47,17 @@ class Stats:
     peak_rss_bytes: int = 0   # of the process, so far
     draft_cached: int = 0     # prompt tokens the draft found in its prefix cache (not prefilled again)
     target_cached: int = 0    # the same for the target
+    auto: Optional[dict] = None  # method="auto": what it chose and why (`speed.Choice`)
 
     def line(self) -> str:
         t = self.times
         cached = ""
         if self.draft_cached or self.target_cached:
             cached = f", cached: draft {self.draft_cached}, target {self.target_cached}"
-        return (f"[{self.method}] prompt {self.prompt_tokens} tok{cached}, kept {self.kept_tokens} | "
+        chosen = ""
+        if self.auto:
+            chosen = f", {Choice(**self.auto).describe()}"
+        return (f"[{self.method}{chosen}] prompt {self.prompt_tokens} tok{cached}, kept {self.kept_tokens} | "
                 f"ttft {self.ttft_s:.2f} s "
                 f"(draft {t['draft_prefill'] + t['lookahead']:.2f} s, target prefill {t['target_prefill']:.2f} s) | "
                 f"decode {self.generated_tokens} tok, {self.decode_tok_s:.1f} tok/s | "
@@ -129,6 +136,8 @@ class SpecSession:
                 registry.check_model_spec(spec)
         self.context_options = {"n_threads": n_threads or default_threads(), "n_batch": n_batch,
                                 "n_ubatch": n_ubatch, "flash_attn": flash_attn}
+        self.n_gpu_layers = n_gpu_layers
+        self.speeds: Optional[SpeedBook] = None  # the models' measured speeds, loaded when "auto" first needs them
         self.target = Model(target, n_gpu_layers=n_gpu_layers, progress=progress)
         self.draft = None
         try:
@@ -213,16 +222,17 @@ class SpecSession:
 
     def stream(self, prompt: Prompt, method: Union[str, Method], budget, max_tokens: int, sampling: Sampling,
                protect_last: int, progress, method_options: dict, caches=None,
-               stop: Sequence[str] = ()) -> "Stream":
+               stop: Sequence[str] = (), choice: Optional[Choice] = None) -> "Stream":
         """A validated call, not yet run: what `generate`, a document's
         questions and the server go through. The answer ends before the
-        first of the `stop` strings."""
-        call = self._call(prompt, method, budget, protect_last, method_options, max_tokens)
+        first of the `stop` strings. `choice`: where the caller resolved
+        "auto" itself (`choose`), what it chose, for the stats."""
+        call = self._call(prompt, method, budget, protect_last, method_options, max_tokens, caches, progress)
         stop = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
         return Stream(self, call.method, call.tokens, call.budget, max_tokens, sampling, call.protected, progress,
-                      caches, stop)
+                      caches, stop, call.choice or choice)
 
     def compress(self, prompt: Union[str, Sequence[dict]], budget: Union[int, float] = 1024,
                  method: Union[str, Method] = "specpc", protect_last: int = 0, marker: str = " …",
@@ -235,13 +245,17 @@ class SpecSession:
         `method` must select prompt tokens (specpc, specprefill, selfinfo,
         headtail). `caches`: prefix caches to reuse (`pipeline.Caches`). See
         `pyspec_gguf.compress`."""
-        from .compress import compress
+        from .compress import check_compressible, compress
+        if isinstance(method, str):
+            method, method_options = make_method(method, **method_options), {}
+        check_compressible(method)  # before "auto" could become full
         call = self._call(prompt, method, budget, protect_last, method_options)
         return compress(self, prompt, call, marker, progress, caches)
 
     def _call(self, prompt: Prompt, method: Union[str, Method], budget, protect_last: int, method_options: dict,
-              max_tokens: Optional[int] = None) -> "Call":
-        """Validate a call's arguments and tokenize its prompt."""
+              max_tokens: Optional[int] = None, caches: Optional[Caches] = None, progress=None) -> "Call":
+        """Validate a call's arguments and tokenize its prompt; "auto"
+        becomes the method it chooses."""
         if isinstance(method, str):
             method = make_method(method, **method_options)
         elif method_options:
@@ -257,7 +271,76 @@ class SpecSession:
         if method.stage != "none" and len(protected) >= n_budget and len(tokens) > n_budget:
             raise ValueError(f"budget {n_budget} leaves no room beyond the {len(protected)} protected tokens "
                              "(chat template control tokens and protect_last)")
-        return Call(method, tokens, n_budget, protected)
+        choice = None
+        if method.name == "auto":
+            caches = caches or Caches()
+            method, choice = self.choose(method, tokens, n_budget, cached_tokens(caches.draft, tokens),
+                                         cached_tokens(caches.target, tokens), progress)
+        return Call(method, tokens, n_budget, protected, choice)
+
+    def choose(self, auto: Method, tokens: np.ndarray, budget: int, draft_cached: int = 0, target_cached: int = 0,
+               progress=None) -> tuple:
+        """(method, Choice): what `auto` (the methods.Auto) becomes for
+        this prompt at `budget` tokens, `full` or `specpc`, whichever is
+        predicted to reach the first token sooner from each model's measured
+        prefill speed (`pyspec_gguf.speed`; measured once, the first time it
+        is needed), counting the prompt tokens each model's prefix cache
+        already holds."""
+        n, specpc = len(tokens), auto.way("specpc")
+        kept = specpc.prompt_budget(budget)
+        if self.draft is None:
+            return auto.way("full"), Choice("full", reason="no draft model")
+        if n <= kept:
+            return auto.way("full"), Choice("full", reason=f"the prompt fits the budget of {kept} tokens")
+        t0 = time.perf_counter()
+        draft, target = self.speed("draft", progress), self.speed("target", progress)
+        calibrated = time.perf_counter() - t0
+        draft_cached, target_cached = min(n - 1, draft_cached), min(n - 1, target_cached)
+        predicted = {"full": target.prefill_s(n - target_cached, target_cached),
+                     "specpc": draft.prefill_s(n - draft_cached, draft_cached)
+                     + draft.lookahead_s(specpc.lookahead, n) + target.prefill_s(kept)}
+        name = min(predicted, key=predicted.get)
+        return auto.way(name), Choice(name, {k: round(v, 2) for k, v in predicted.items()},
+                                      calibration_s=round(calibrated, 2) if calibrated > 0.5 else 0.0)
+
+    def speed(self, which: str, progress=None) -> ModelSpeed:
+        """The draft's or the target's measured speed under this session's
+        engine setting, calibrated now where none is stored."""
+        model = self.draft if which == "draft" else self.target
+        if self.speeds is None:
+            self.speeds = SpeedBook()
+        key = speed_key(model, self.context_options, self.n_gpu_layers)
+        speed = self.speeds.get(key)
+        if speed is None:
+            log.info("measuring the %s's prefill speed on this machine (once for this model and setting)", which)
+            stage = getattr(progress, "stage", None)
+            if stage is not None:
+                stage(f"calibrate_{which}")
+            speed = calibrate(model, self.context_options, progress)
+            self.speeds.put(key, speed)
+        return speed
+
+    def observe(self, method: Method, stats: "Stats") -> None:
+        """Add a finished call's stage times (of `full` or `specpc`) to the
+        measurements of the models calibrated already: the predictions then
+        follow the lengths this machine sees."""
+        if method.name not in ("full", "specpc"):
+            return
+        if self.speeds is None:
+            self.speeds = SpeedBook()
+        t, n = stats.times, stats.prompt_tokens
+        keys = {which: speed_key(model, self.context_options, self.n_gpu_layers)
+                for which, model in (("draft", self.draft), ("target", self.target)) if model is not None}
+        if method.name == "full":
+            self.speeds.update(keys["target"], lambda s: s.observe_prefill(n - stats.target_cached,
+                                                                            stats.target_cached, t["target_prefill"]))
+            return
+        if t["draft_prefill"] > 0 and "draft" in keys:
+            def draft(s: ModelSpeed) -> None:
+                s.observe_prefill(n - stats.draft_cached, stats.draft_cached, t["draft_prefill"])
+                s.observe_lookahead(method.lookahead, n, t["lookahead"])
+            self.speeds.update(keys["draft"], draft)
+        self.speeds.update(keys["target"], lambda s: s.observe_prefill(stats.kept_tokens, 0, t["target_prefill"]))
 
     def check_fits(self, n_prompt: int, max_tokens: int, method: Optional[Method] = None) -> None:
         """A prompt and its answer within what the models were trained for
@@ -314,6 +397,7 @@ class Call:
     tokens: np.ndarray
     budget: int
     protected: np.ndarray
+    choice: Optional[Choice] = None  # what "auto" chose, where the call named it
 
 
 def check_session_options(n_threads: int = 0, n_gpu_layers: int = 0, flash_attn: str = "auto",
@@ -362,8 +446,10 @@ class Stream:
     `Cancelled`, and gives back every context the answer made."""
 
     def __init__(self, session: "SpecSession", method: Method, tokens: np.ndarray, budget: int, max_tokens: int,
-                 sampling: Sampling, protected: np.ndarray, progress, caches=None, stop: Sequence[str] = ()):
+                 sampling: Sampling, protected: np.ndarray, progress, caches=None, stop: Sequence[str] = (),
+                 choice: Optional[Choice] = None):
         self._session, self._method, self._tokens = session, method, tokens
+        self._choice = choice
         self._budget, self._max_tokens, self._sampling = budget, max_tokens, sampling
         self._protected, self._progress, self._caches = protected, progress, caches
         self._stop = list(stop)
@@ -439,7 +525,9 @@ class Stream:
                           target_kv_bytes=prepared.cells * model.kv_bytes_per_token,
                           peak_rss_bytes=peak_rss(),
                           draft_cached=caches.draft.reused if caches.draft and analysis.used_draft_cache else 0,
-                          target_cached=caches.target.reused if caches.target and analysis.used_target_cache else 0)
+                          target_cached=caches.target.reused if caches.target and analysis.used_target_cache else 0,
+                          auto=asdict(self._choice) if self._choice else None)
+            self._session.observe(self._method, stats)
             ran_out = len(tokens) == self._max_tokens and not stops.stopped
             self.result = Result(text="".join(text), tokens=tokens, stats=stats, kept=prepared.kept,
                                  scores=prepared.scores, prompt_tokens=self._tokens,

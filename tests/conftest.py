@@ -1,13 +1,30 @@
 """Shared fixtures. Models come from the registry into the one cache
 directory (PYSPEC_GGUF_CACHE or ~/.cache/pyspec-gguf), fetched once."""
 
+import os
+
 import pytest
 
 import pyspec_gguf
 from pyspec_gguf import SpecSession
 from pyspec_gguf import registry
+from pyspec_gguf.speed import BOOK_ENV
 
 SMALL = "smollm2-135m-instruct-q4_1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def speeds_file(tmp_path_factory):
+    """The models' measured speeds (method="auto") in a file of the test
+    run's own, shared by its tests, never the user's cache."""
+    path = tmp_path_factory.mktemp("speeds") / "speeds.json"
+    old = os.environ.get(BOOK_ENV)
+    os.environ[BOOK_ENV] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop(BOOK_ENV, None)
+    else:
+        os.environ[BOOK_ENV] = old
 
 
 @pytest.fixture(scope="session")

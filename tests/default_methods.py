@@ -19,6 +19,7 @@ SETTINGS = {
     "specprefill": ({}, {"lookahead": 2, "chunk": 8, "window": 0}),
     "selfinfo": ({}, {"window": 0}),
     "headtail": ({}, {}),
+    "auto": ({}, {"window": 8, "lookahead": 4}),  # resolves to full or specpc (tests/test_speed.py)
 }
 
 assert set(SETTINGS) == set(METHODS), "every method needs a row in SETTINGS"

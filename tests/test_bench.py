@@ -169,6 +169,21 @@ def test_bad_bench_arguments():
         assert main(["bench", "--option", option]) == 2, option
     # an option for a method that no variant runs would change nothing
     assert main(["bench", "--variants", "full,snapkv", "--option", "specpc.lookahead=1"]) == 2
+    # auto answers as the method it chooses: it is timed, never scored
+    assert main(["bench", "--variants", "full,auto"]) == 2
+
+
+def test_auto_is_timed_with_what_it_chose(tmp_path):
+    prof = run.Profile(contexts=[512], budgets=[128], tasks=["niah_single"], samples=1, variants=["auto"],
+                       timed={}, timing_runs=1, draft="smollm2-135m-instruct-q4_1",
+                       target="smollm2-135m-instruct-q4_1")
+    prof.timed = {"auto": [128]}
+    runs = tmp_path / "runs.jsonl"
+    run.measure(prof, runs, threads=1, only="timing")
+    (row,) = report.load_runs(runs)
+    assert row["variant"] == "auto" and row["auto"]["method"] in ("full", "specpc")
+    assert set(row["auto"]["predicted"]) == {"full", "specpc"} and row["ttft_s"] > 0
+    assert [r["method"] for r in report.build(runs, tmp_path, "quick")] == ["auto"]
 
 
 def test_method_options_name_their_rows():

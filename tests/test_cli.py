@@ -47,7 +47,7 @@ def test_ask_empty_doc(tmp_path, capsys, small_path):
 @pytest.mark.parametrize("args,match", [
     (["--budget", "0"], "budget 0 keeps nothing: give a token count"),
     (["--method", "speckv", "--option", "kernel=8"], "kernel must be odd"),
-    (["--option", "nope=1"], "specpc has no option 'nope'; its options: window"),
+    (["--option", "nope=1"], "auto has no option 'nope'; its options: window"),  # specpc's, for auto's specpc
     (["--question", "  "], "--question is empty"),
 ])
 def test_ask_refuses_bad_input_before_loading_a_model(prose, tmp_path, capsys, args, match):

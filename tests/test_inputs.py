@@ -243,7 +243,7 @@ def test_compress_refuses_a_kv_method_before_loading(small_path, tmp_path, capsy
 @pytest.mark.parametrize("args,message", [
     (["--budget", "abc"], "argument --budget: a budget is a token count (1024) or a fraction of the prompt (0.25), "
                           "not 'abc'"),
-    (["--option", "bogus=1"], "specpc has no option 'bogus'; its options: window, kernel"),
+    (["--option", "bogus=1"], "auto has no option 'bogus'; its options: window, kernel"),
     (["--draft-quant", "q3_xs"], "draft_quant must be one of q4_0"),
     (["--draft-layers", "-2"], "draft_layers must be >= 0"),
     (["--n-gpu-layers", "-5"], "n_gpu_layers must be >= -1"),
@@ -262,7 +262,7 @@ def test_chat_budget_command_says_what_a_budget_is(tmp_path):
     c = chat.Chat(None, build_parser().parse_args(["chat", "--doc", "d.txt"]), {})
     with pytest.raises(ValueError, match=r"a budget is a token count \(1024\) or a fraction"):
         c.command("/budget abc")
-    with pytest.raises(ValueError, match="specpc has no option 'bogus'"):
+    with pytest.raises(ValueError, match="auto has no option 'bogus'"):
         c.command("/option bogus=1")
 
 

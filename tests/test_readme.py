@@ -39,10 +39,10 @@ NOT_RUN = {
     "pyspec-gguf bench --profile long": "takes hours; its code path is the quick profile's",
     "pyspec-gguf bench --profile scale": "takes hours (a 32K prefill); its code path is the quick profile's",
     "pyspec-gguf bench --profile quick": "runs in tests/test_bench.py",
-    "pyspec-gguf chat --doc report.pdf --method specpc --budget 1024":
+    "pyspec-gguf chat --doc report.pdf --budget 1024":
         "interactive; tests/test_document.py drives the same command through stdin on SmolLM2",
     'pip install ".[server]"': "the test extra holds the server extra; .ci/run installs it",
-    "pyspec-gguf serve --method specpc --budget 0.25 --min-prompt-tokens 2048":
+    "pyspec-gguf serve --budget 0.25":
         "serves until stopped; test_python_block starts it (on a free port) for the client example, "
         "tests/test_server.py drives it on SmolLM2",
 }

@@ -40,6 +40,9 @@ from ..session import SpecSession
 from . import readme, report, standin
 from .common import append_result, machine, machine_label
 from .forks import VARIANTS, PromptForks
+
+# timed end to end only: auto answers as the method it chooses does
+TIMING_ONLY = ("auto",)
 from .tasks import TASKS, make_task
 
 # every method at its default options (speckv, snapkv: one KV set per token)
@@ -105,7 +108,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", help="budgets, comma-separated (default: the profile's)")
     p.add_argument("--tasks", help=f"tasks, comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--samples", type=int, help="prompts per task and context length")
-    p.add_argument("--variants", help=f"comma-separated, of: {', '.join(VARIANTS)} (default: the profile's)")
+    p.add_argument("--variants", help=f"comma-separated, of: {', '.join(VARIANTS)}, and auto with --only timing "
+                                      "(default: the profile's)")
     p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method's option other than its default, e.g. specpc.lookahead=1 (repeatable; "
                         "the rows name it, so they resume and report apart from the defaults' rows)")
@@ -157,8 +161,12 @@ def resolve(args) -> Profile:
         if name not in TASKS:
             raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     for v in prof.variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; variants: {', '.join(VARIANTS)}")
+        if v in TIMING_ONLY:
+            if args.only != "timing":
+                raise ValueError(f"{v} is timed only (it answers as full or specpc does): add --only timing")
+            prof.timed.setdefault(v, list(prof.budgets))
+        elif v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; variants: {', '.join(VARIANTS + TIMING_ONLY)}")
     unused = set(prof.options) - {v.partition("@")[0] for v in prof.variants}
     if unused:
         raise ValueError(f"--option for {', '.join(sorted(unused))}, which no variant runs")

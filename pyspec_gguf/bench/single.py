@@ -46,6 +46,8 @@ def run(args) -> dict:
                "kept_tokens": st.kept_tokens, "ttft_s": st.ttft_s, "times": st.times,
                "decode_tok_s": st.decode_tok_s, "generated_tokens": st.generated_tokens,
                "target_kv_bytes": st.target_kv_bytes, "peak_rss_bytes": st.peak_rss_bytes}
+        if st.auto:  # what auto chose, its predictions, and its calibration's seconds (not in the TTFT)
+            row["auto"] = {**st.auto, "method": st.method}
         if args.floor:
             row["floor"] = floor(s, r)
     return row

@@ -14,10 +14,10 @@ from .common import (add_method_args, add_model_args, checked_options, kept_text
                      progress_bar, sampling)
 
 
-def add_question_args(parser, question_help: str = "the question to answer") -> None:
+def add_question_args(parser, question_help: str = "the question to answer", method: str = "auto") -> None:
     parser.add_argument("--doc", required=True, help="the document: .txt, .md, .pdf or .html ('-' reads text from stdin)")
     parser.add_argument("--question", required=True, help=question_help)
-    add_method_args(parser)
+    add_method_args(parser, method)
 
 
 def add_cli_args(parser) -> None:

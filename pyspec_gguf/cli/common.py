@@ -17,8 +17,11 @@ from ..registry import check_model_spec
 from ..session import SpecSession, check_budget, check_session_options
 
 
-def add_method_args(parser) -> None:
-    parser.add_argument("--method", default="specpc", choices=list(METHODS), help="default: %(default)s")
+def add_method_args(parser, default: str = "auto") -> None:
+    parser.add_argument("--method", default=default, choices=list(METHODS),
+                        help="default: %(default)s" + (" (full or specpc, whichever this machine answers sooner "
+                                                       "for the prompt, from the models' measured speed)"
+                                                       if default == "auto" else ""))
     parser.add_argument("--budget", type=budget_arg, default=1024,
                         help="tokens kept: a count (1024) or a fraction of the prompt (0.25); default %(default)s")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -105,7 +108,8 @@ def sampling(args) -> Sampling:
 # what the bar says each stage of an answer is doing (`passes.STAGES`)
 STAGE_LABELS = {"draft_prefill": "the draft reads the prompt", "lookahead": "the draft looks ahead",
                 "scoring": "choosing what to keep", "target_prefill": "the target prefills",
-                "eviction": "dropping KV entries"}
+                "eviction": "dropping KV entries", "calibrate_draft": "timing the draft on this machine (once)",
+                "calibrate_target": "timing the target on this machine (once)"}
 
 
 class ProgressBar:

@@ -17,7 +17,7 @@ from .common import add_load_args, checked_options, open_session, progress_bar
 
 
 def add_cli_args(parser) -> None:
-    add_question_args(parser, "the question the compressed text must answer")
+    add_question_args(parser, "the question the compressed text must answer", method="specpc")
     parser.add_argument("--marker", default=" …", help="what stands for each dropped run (default ' …'; '' drops silently)")
     parser.add_argument("--json", action="store_true", help="print the compressed chat messages and figures as JSON")
     add_load_args(parser, "target model spec, for its tokenizer and chat template (default: the registry's target)")

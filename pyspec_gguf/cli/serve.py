@@ -2,10 +2,12 @@
 
 POST /v1/chat/completions, /v1/completions (streaming or not), GET
 /v1/models, GET /health, and POST /v1/compress (the compressed prompt, for
-any other engine). Prompts of at least --min-prompt-tokens go through
---method at --budget, shorter ones through full; a request may choose its
-own `method`, `budget` and `method_options` (the openai client's
-extra_body). Needs the server extra: pip install "pyspec-gguf[server]".
+any other engine). Prompts go through --method at --budget (auto: full or
+specpc, whichever is predicted to answer sooner; the models' speed is
+measured at start, once per machine and setting), those shorter than
+--min-prompt-tokens, if given, through full; a request may choose its own
+`method`, `budget` and `method_options` (the openai client's extra_body).
+Needs the server extra: pip install "pyspec-gguf[server]".
 """
 
 import logging
@@ -16,8 +18,8 @@ from .common import add_method_args, add_model_args, checked_options, open_sessi
 def add_cli_args(parser) -> None:
     add_method_args(parser)
     parser.set_defaults(budget=0.25)
-    parser.add_argument("--min-prompt-tokens", type=int, default=2048,
-                        help="shorter prompts go through full (default 2048)")
+    parser.add_argument("--min-prompt-tokens", type=int, default=None,
+                        help="shorter prompts always go through full (default: none; --method decides)")
     add_model_args(parser, max_tokens=512)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -40,7 +42,7 @@ def main(args) -> int:
     except ImportError as e:
         raise RuntimeError(f"the server needs its extra: pip install \"pyspec-gguf[server]\" ({e})") from None
     options = checked_options(args)
-    if args.min_prompt_tokens < 0:
+    if args.min_prompt_tokens is not None and args.min_prompt_tokens < 0:
         raise ValueError("--min-prompt-tokens must be >= 0")
     if args.workers < 1 or args.queue_size < 1 or args.cache_slots < 0:
         raise ValueError("--workers and --queue-size must be >= 1, --cache-slots >= 0")
@@ -51,8 +53,12 @@ def main(args) -> int:
         model_id = args.model_name or session.target.name.removesuffix(".gguf")
         app = create_app(pool, policy, model_id, args.api_key)
         logging.getLogger("pyspec_gguf").setLevel(logging.INFO)
-        print(f"pyspec-gguf: serving {model_id} ({args.method} at budget {args.budget} for prompts of "
-              f">= {args.min_prompt_tokens} tokens) on http://{args.host}:{args.port}/v1", flush=True)
+        if args.method == "auto":  # measured before the first request, not during it
+            for which in ("draft", "target"):
+                session.speed(which)
+        shorter = f", full below {args.min_prompt_tokens} tokens" if args.min_prompt_tokens is not None else ""
+        print(f"pyspec-gguf: serving {model_id} ({args.method} at budget {args.budget}{shorter}) "
+              f"on http://{args.host}:{args.port}/v1", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         session.close()

@@ -4,6 +4,7 @@ scores into kept tokens or KV entries."""
 
 from dataclasses import fields
 
+from .auto import Auto
 from .base import KVMethod, Method, PromptMethod
 from .draft import DraftOnly
 from .full import Full
@@ -17,7 +18,7 @@ from .specprefill import SpecPrefill
 from .streamingllm import StreamingLLM
 
 METHODS = {m.name: m for m in (Full, DraftOnly, SpecPC, SpecKV, SpecKVPC, SnapKV, StreamingLLM, SpecPrefill,
-                               SelfInfo, HeadTail)}
+                               SelfInfo, HeadTail, Auto)}
 
 
 def make_method(name: str, **options) -> Method:

@@ -5,7 +5,7 @@ prefix caches and the server's default policy."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 from ..methods import make_method
 from ..session import Cancelled
@@ -14,14 +14,15 @@ from .protocol import Request
 
 @dataclass
 class Policy:
-    """The server's defaults: `method` at `budget` for prompts of at least
-    `min_prompt_tokens` tokens (shorter ones go through `full`, where
-    compression saves little), `max_tokens` for a request that names none."""
+    """The server's defaults: `method` at `budget` ("auto": per prompt,
+    `full` or `specpc`, whichever is predicted faster); prompts shorter than
+    `min_prompt_tokens`, where given, always go through `full`;
+    `max_tokens` for a request that names none."""
 
-    method: str = "specpc"
+    method: str = "auto"
     budget: Union[int, float] = 0.25
     method_options: dict = field(default_factory=dict)
-    min_prompt_tokens: int = 2048
+    min_prompt_tokens: Optional[int] = None
     max_tokens: int = 512
 
     def __post_init__(self):
@@ -41,7 +42,7 @@ class Policy:
         budget = self.budget if req.budget is None else req.budget
         if req.method is not None:
             return req.method, req.method_options, budget
-        if n_prompt < self.min_prompt_tokens:
+        if self.min_prompt_tokens is not None and n_prompt < self.min_prompt_tokens:
             return "full", {}, budget
         return self.method, self.method_options, budget
 
@@ -54,9 +55,10 @@ def answer(req: Request, policy: Policy):
         session = worker.session
         tokens = session.tokenize(req.prompt)
         name, options, budget = policy.choose(req, len(tokens))
-        method = make_method(name, **options)
+        method, choice = worker.resolve(make_method(name, **options), tokens, budget)
         stream = session.stream(req.prompt, method, budget, policy.max_tokens_for(req, session, len(tokens)),
-                                req.sampling, req.protect_last, None, {}, worker.caches(tokens, method), req.stop)
+                                req.sampling, req.protect_last, None, {}, worker.caches(tokens, method), req.stop,
+                                choice)
         job.attach(stream)
         job.post("ready")
         for piece in stream:
@@ -73,6 +75,8 @@ def compress(req: Request, policy: Policy):
         default = make_method(policy.method, **policy.method_options)
         if req.method is not None:
             name, options = req.method, req.method_options
+        elif default.name == "auto":  # compressing is what is asked: auto's compressing way
+            name, options = "specpc", policy.method_options
         elif default.prompt_stage is not None and default.kv_stage is None:
             name, options = policy.method, policy.method_options
         else:  # the default drops KV entries, which have no text

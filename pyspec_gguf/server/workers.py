@@ -23,7 +23,7 @@ import numpy as np
 from .._log import logger as log
 from ..pipeline import Caches
 from ..prefix import PrefixPool
-from ..session import Cancelled, SpecSession
+from ..session import Cancelled, SpecSession, resolve_budget
 
 
 class QueueFull(Exception):
@@ -89,6 +89,15 @@ class Worker:
         self._taken: list = []
         self.thread = threading.Thread(target=self._loop, name=f"pyspec-worker-{index}", daemon=True)
         self.thread.start()
+
+    def resolve(self, method, tokens: np.ndarray, budget) -> tuple:
+        """(method, Choice or None): "auto" resolved for this prompt,
+        counting the prompt tokens the pools' caches hold; another method as
+        it is."""
+        if method.name != "auto":
+            return method, None
+        cached = [pool.cached_tokens(tokens) if pool else 0 for pool in (self.pool.draft_cache, self.pool.target_cache)]
+        return self.session.choose(method, tokens, resolve_budget(budget, len(tokens)), *cached)
 
     def caches(self, tokens: np.ndarray, method) -> Caches:
         """The prefix caches a prompt's passes reuse, the job's until it
