@@ -173,7 +173,14 @@ def test_bad_bench_arguments():
     assert main(["bench", "--variants", "full,auto"]) == 2
 
 
-def test_auto_is_timed_with_what_it_chose(tmp_path):
+def test_auto_is_timed_with_what_it_chose(tmp_path, small, monkeypatch):
+    # measured speeds planted for the timed process's setting: it predicts without calibrating
+    from pyspec_gguf.speed import ModelSpeed, SpeedBook, speed_key
+    book = tmp_path / "speeds.json"
+    monkeypatch.setenv("PYSPEC_GGUF_SPEEDS", str(book))
+    options = {"n_threads": 1, "n_batch": 512, "n_ubatch": 512, "flash_attn": "off"}
+    SpeedBook(book).put(speed_key(small, options, 0), ModelSpeed(prefill=[[256, 0, 0.2], [256, 768, 0.3]],
+                                                                 steps=[[1024, 0.01]]))
     prof = run.Profile(contexts=[512], budgets=[128], tasks=["niah_single"], samples=1, variants=["auto"],
                        timed={}, timing_runs=1, draft="smollm2-135m-instruct-q4_1",
                        target="smollm2-135m-instruct-q4_1")
@@ -183,6 +190,7 @@ def test_auto_is_timed_with_what_it_chose(tmp_path):
     (row,) = report.load_runs(runs)
     assert row["variant"] == "auto" and row["auto"]["method"] in ("full", "specpc")
     assert set(row["auto"]["predicted"]) == {"full", "specpc"} and row["ttft_s"] > 0
+    assert row["auto"]["calibration_s"] == 0.0
     assert [r["method"] for r in report.build(runs, tmp_path, "quick")] == ["auto"]
 
 
