@@ -30,11 +30,10 @@ import numpy as np
 
 from ._log import logger as log
 from .engine import Sampling
-from .methods import Method, make_method
+from .methods import Method
 from .passes import Clock, DraftNeeds, draft_pass
 from .pipeline import Caches
 from .prefix import PrefixCache, cached_tokens, common_prefix
-from .session import resolve_budget
 from .store import StateFileError, read_state, state_path, write_state
 
 INSTRUCTION = "Answer the question about the text above."
@@ -107,18 +106,8 @@ class Document:
         takes `full` or `specpc`, whichever is predicted to answer sooner,
         counting what the draft's and the target's caches of the
         conversation already hold."""
-        if isinstance(method, str):
-            method = make_method(method, **method_options)
-            method_options = {}
-        messages, choice = self.messages(question), None
-        if method.name == "auto":
-            tokens = self.session.tokenize(messages)
-            method, choice = self.session.choose(method, tokens, resolve_budget(budget, len(tokens)),
-                                                 cached_tokens(self._draft, tokens),
-                                                 cached_tokens(self._target, tokens), progress)
-        caches = Caches(draft=self._draft, target=self._target_cache(method))
-        call = self.session.stream(messages, method, budget, max_tokens, sampling, self.protect_last(question),
-                                   progress, method_options, caches, choice=choice)
+        call = self.session.stream(self.messages(question), method, budget, max_tokens, sampling,
+                                   self.protect_last(question), progress, method_options, caches=self)
         call.on_result = lambda result: self._answered(question, result)
         return call if stream else call.run()
 
@@ -130,6 +119,15 @@ class Document:
         """Start the conversation again (the document stays read)."""
         self.turns.clear()
         self.last = None
+
+    def cached(self, tokens: np.ndarray) -> tuple:
+        """(draft, target): what the conversation's caches hold of a
+        question's prompt (`pipeline.Caches`)."""
+        return cached_tokens(self._draft, tokens), cached_tokens(self._target, tokens)
+
+    def caches(self, tokens: np.ndarray, method: Method) -> Caches:
+        """The conversation's caches that `method`'s passes reuse."""
+        return Caches(draft=self._draft, target=self._target_cache(method))
 
     def _target_cache(self, method: Method) -> Optional[PrefixCache]:
         """Methods that read the whole prompt on the target (`full` and the

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._log import logger as log
 from .methods import Method
-from .prefix import PrefixCache
+from .prefix import PrefixCache, cached_tokens
 from .passes import (AnswerContext, Clock, DraftNeeds, DraftPass, TargetNeeds, TargetPass, draft_pass,
                      keep_one_set, keep_per_head, prefill_answer_context, target_pass)
 
@@ -214,10 +214,22 @@ class Analysis:
 
 @dataclass
 class Caches:
-    """Prefix caches the passes over a whole prompt reuse (None: none)."""
+    """Prefix caches the passes over a whole prompt reuse (None: none).
+
+    A call takes these or any other source of caches with the same two
+    methods (a document's conversation, the server's pools): `cached`, what
+    they hold of a prompt before its method is known ("auto" predicts from
+    it), and `caches`, the ones the chosen method's passes use."""
 
     draft: Optional[PrefixCache] = None
     target: Optional[PrefixCache] = None
+
+    def cached(self, tokens: np.ndarray) -> tuple:
+        """(draft, target): the prompt tokens each cache already holds."""
+        return cached_tokens(self.draft, tokens), cached_tokens(self.target, tokens)
+
+    def caches(self, tokens: np.ndarray, method: Method) -> "Caches":
+        return self
 
 
 def _merged(needs: list, merge) -> list:

@@ -22,7 +22,6 @@ from .engine import Model, PromptTooLong, Sampling, default_threads, iter_text
 from .methods import Method, make_method
 from .passes import STAGES
 from .pipeline import Analysis, Caches
-from .prefix import cached_tokens
 from .speed import Choice, ModelSpeed, SpeedBook, calibrate, speed_key
 
 if TYPE_CHECKING:
@@ -138,6 +137,7 @@ class SpecSession:
                                 "n_ubatch": n_ubatch, "flash_attn": flash_attn}
         self.n_gpu_layers = n_gpu_layers
         self.speeds: Optional[SpeedBook] = None  # the models' measured speeds, loaded when "auto" first needs them
+        self._speed_keys: dict = {}
         self.target = Model(target, n_gpu_layers=n_gpu_layers, progress=progress)
         self.draft = None
         try:
@@ -222,17 +222,17 @@ class SpecSession:
 
     def stream(self, prompt: Prompt, method: Union[str, Method], budget, max_tokens: int, sampling: Sampling,
                protect_last: int, progress, method_options: dict, caches=None,
-               stop: Sequence[str] = (), choice: Optional[Choice] = None) -> "Stream":
+               stop: Sequence[str] = ()) -> "Stream":
         """A validated call, not yet run: what `generate`, a document's
         questions and the server go through. The answer ends before the
-        first of the `stop` strings. `choice`: where the caller resolved
-        "auto" itself (`choose`), what it chose, for the stats."""
+        first of the `stop` strings. `caches`: the prefix caches to reuse,
+        `pipeline.Caches` or another source of them (see there)."""
         call = self._call(prompt, method, budget, protect_last, method_options, max_tokens, caches, progress)
         stop = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
         return Stream(self, call.method, call.tokens, call.budget, max_tokens, sampling, call.protected, progress,
-                      caches, stop, call.choice or choice)
+                      call.caches, stop, call.choice)
 
     def compress(self, prompt: Union[str, Sequence[dict]], budget: Union[int, float] = 1024,
                  method: Union[str, Method] = "specpc", protect_last: int = 0, marker: str = " …",
@@ -249,13 +249,13 @@ class SpecSession:
         if isinstance(method, str):
             method, method_options = make_method(method, **method_options), {}
         check_compressible(method)  # before "auto" could become full
-        call = self._call(prompt, method, budget, protect_last, method_options)
-        return compress(self, prompt, call, marker, progress, caches)
+        call = self._call(prompt, method, budget, protect_last, method_options, caches=caches)
+        return compress(self, prompt, call, marker, progress, call.caches)
 
     def _call(self, prompt: Prompt, method: Union[str, Method], budget, protect_last: int, method_options: dict,
               max_tokens: Optional[int] = None, caches: Optional[Caches] = None, progress=None) -> "Call":
         """Validate a call's arguments and tokenize its prompt; "auto"
-        becomes the method it chooses."""
+        becomes the method it chooses, counting what `caches` hold."""
         if isinstance(method, str):
             method = make_method(method, **method_options)
         elif method_options:
@@ -271,12 +271,10 @@ class SpecSession:
         if method.stage != "none" and len(protected) >= n_budget and len(tokens) > n_budget:
             raise ValueError(f"budget {n_budget} leaves no room beyond the {len(protected)} protected tokens "
                              "(chat template control tokens and protect_last)")
-        choice = None
+        source, choice = caches if caches is not None else Caches(), None
         if method.name == "auto":
-            caches = caches or Caches()
-            method, choice = self.choose(method, tokens, n_budget, cached_tokens(caches.draft, tokens),
-                                         cached_tokens(caches.target, tokens), progress)
-        return Call(method, tokens, n_budget, protected, choice)
+            method, choice = self.choose(method, tokens, n_budget, *source.cached(tokens), progress)
+        return Call(method, tokens, n_budget, protected, source.caches(tokens, method), choice)
 
     def choose(self, auto: Method, tokens: np.ndarray, budget: int, draft_cached: int = 0, target_cached: int = 0,
                progress=None) -> tuple:
@@ -292,33 +290,45 @@ class SpecSession:
             return auto.way("full"), Choice("full", reason="no draft model")
         if n <= kept:
             return auto.way("full"), Choice("full", reason=f"the prompt fits the budget of {kept} tokens")
-        t0 = time.perf_counter()
+        book = self._speed_book()
+        unmeasured = {self._speed_key(which) for which in ("draft", "target")
+                      if book.get(self._speed_key(which)) is None}  # one key where both are one file
         draft, target = self.speed("draft", progress), self.speed("target", progress)
-        calibrated = time.perf_counter() - t0
+        calibrated = sum(book.get(key).calibration_s for key in unmeasured)
         draft_cached, target_cached = min(n - 1, draft_cached), min(n - 1, target_cached)
         predicted = {"full": target.prefill_s(n - target_cached, target_cached),
                      "specpc": draft.prefill_s(n - draft_cached, draft_cached)
                      + draft.lookahead_s(specpc.lookahead, n) + target.prefill_s(kept)}
         name = min(predicted, key=predicted.get)
         return auto.way(name), Choice(name, {k: round(v, 2) for k, v in predicted.items()},
-                                      calibration_s=round(calibrated, 2) if calibrated > 0.5 else 0.0)
+                                      calibration_s=round(calibrated, 2))
 
     def speed(self, which: str, progress=None) -> ModelSpeed:
         """The draft's or the target's measured speed under this session's
         engine setting, calibrated now where none is stored."""
-        model = self.draft if which == "draft" else self.target
-        if self.speeds is None:
-            self.speeds = SpeedBook()
-        key = speed_key(model, self.context_options, self.n_gpu_layers)
-        speed = self.speeds.get(key)
+        key = self._speed_key(which)
+        speed = self._speed_book().get(key)
         if speed is None:
             log.info("measuring the %s's prefill speed on this machine (once for this model and setting)", which)
             stage = getattr(progress, "stage", None)
             if stage is not None:
                 stage(f"calibrate_{which}")
-            speed = calibrate(model, self.context_options, progress)
+            speed = calibrate(self.draft if which == "draft" else self.target, self.context_options, progress)
             self.speeds.put(key, speed)
         return speed
+
+    def _speed_book(self) -> SpeedBook:
+        if self.speeds is None:
+            self.speeds = SpeedBook()
+        return self.speeds
+
+    def _speed_key(self, which: str) -> str:
+        """The draft's or the target's key in the speed book (the same for
+        the session's life: the models stay loaded)."""
+        if which not in self._speed_keys:
+            model = self.draft if which == "draft" else self.target
+            self._speed_keys[which] = speed_key(model, self.context_options, self.n_gpu_layers)
+        return self._speed_keys[which]
 
     def observe(self, method: Method, stats: "Stats") -> None:
         """Add a finished call's stage times (of `full` or `specpc`) to the
@@ -326,21 +336,18 @@ class SpecSession:
         follow the lengths this machine sees."""
         if method.name not in ("full", "specpc"):
             return
-        if self.speeds is None:
-            self.speeds = SpeedBook()
         t, n = stats.times, stats.prompt_tokens
-        keys = {which: speed_key(model, self.context_options, self.n_gpu_layers)
-                for which, model in (("draft", self.draft), ("target", self.target)) if model is not None}
         if method.name == "full":
-            self.speeds.update(keys["target"], lambda s: s.observe_prefill(n - stats.target_cached,
-                                                                            stats.target_cached, t["target_prefill"]))
-            return
-        if t["draft_prefill"] > 0 and "draft" in keys:
-            def draft(s: ModelSpeed) -> None:
-                s.observe_prefill(n - stats.draft_cached, stats.draft_cached, t["draft_prefill"])
-                s.observe_lookahead(method.lookahead, n, t["lookahead"])
-            self.speeds.update(keys["draft"], draft)
-        self.speeds.update(keys["target"], lambda s: s.observe_prefill(stats.kept_tokens, 0, t["target_prefill"]))
+            changes = {"target": lambda s: s.observe_prefill(n - stats.target_cached, stats.target_cached,
+                                                             t["target_prefill"])}
+        else:
+            changes = {"target": lambda s: s.observe_prefill(stats.kept_tokens, 0, t["target_prefill"])}
+            if t["draft_prefill"] > 0 and self.draft is not None:
+                def draft(s: ModelSpeed) -> None:
+                    s.observe_prefill(n - stats.draft_cached, stats.draft_cached, t["draft_prefill"])
+                    s.observe_lookahead(method.lookahead, n, t["lookahead"])
+                changes["draft"] = draft
+        self._speed_book().update({self._speed_key(which): change for which, change in changes.items()})
 
     def check_fits(self, n_prompt: int, max_tokens: int, method: Optional[Method] = None) -> None:
         """A prompt and its answer within what the models were trained for
@@ -397,6 +404,7 @@ class Call:
     tokens: np.ndarray
     budget: int
     protected: np.ndarray
+    caches: Optional[Caches] = None  # the prefix caches its passes reuse
     choice: Optional[Choice] = None  # what "auto" chose, where the call named it
 
 

@@ -161,11 +161,14 @@ class SpeedBook:
             self._models[key] = speed
             self._save()
 
-    def update(self, key: str, change: Callable[[ModelSpeed], None]) -> None:
+    def update(self, changes: dict) -> None:
+        """Apply each {key: change(ModelSpeed)} to the models measured
+        already (the others stay unmeasured), then save once."""
         with self._lock:
-            speed = self._models.get(key)
-            if speed is not None:
+            measured = [(self._models[key], change) for key, change in changes.items() if key in self._models]
+            for speed, change in measured:
                 change(speed)
+            if measured:
                 self._save()
 
     def _save(self) -> None:

@@ -64,8 +64,10 @@ def test_the_book_keeps_measurements_on_disk(tmp_path, caplog):
     SpeedBook(path).put("model|setting", planted(2e-3, 3e-7))
     again = SpeedBook(path).get("model|setting")
     assert again.coefficients() == pytest.approx(planted(2e-3, 3e-7).coefficients())
-    SpeedBook(path).update("model|setting", lambda s: s.observe_prefill(100, 0, 0.5))
-    assert SpeedBook(path).get("model|setting").observed == 1
+    SpeedBook(path).update({"model|setting": lambda s: s.observe_prefill(100, 0, 0.5),
+                            "unmeasured|setting": lambda s: s.observe_prefill(100, 0, 0.5)})
+    book = SpeedBook(path)
+    assert book.get("model|setting").observed == 1 and book.get("unmeasured|setting") is None
     path.write_text("{not json")
     assert SpeedBook(path).get("model|setting") is None
     assert "ignoring unreadable speed measurements" in caplog.text
@@ -124,6 +126,7 @@ def test_auto_measures_once_and_says_what_it_chose(fresh_pair, prose):
                                                                     for i in range(CAL_CHUNKS)]
     assert all(row[2] > 0 for row in stored["prefill"]) and len(stored["steps"]) == CAL_STEPS
     assert stored["observed"] >= 1 and stored["calibration_s"] > 0
+    assert choice.calibration_s == round(stored["calibration_s"], 2)  # the calibration's own time, counted once
     second = fresh_pair.generate(text, method="auto", budget=64, max_tokens=4)
     assert second.stats.auto["calibration_s"] == 0.0
 

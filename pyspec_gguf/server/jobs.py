@@ -55,10 +55,8 @@ def answer(req: Request, policy: Policy):
         session = worker.session
         tokens = session.tokenize(req.prompt)
         name, options, budget = policy.choose(req, len(tokens))
-        method, choice = worker.resolve(make_method(name, **options), tokens, budget)
-        stream = session.stream(req.prompt, method, budget, policy.max_tokens_for(req, session, len(tokens)),
-                                req.sampling, req.protect_last, None, {}, worker.caches(tokens, method), req.stop,
-                                choice)
+        stream = session.stream(req.prompt, name, budget, policy.max_tokens_for(req, session, len(tokens)),
+                                req.sampling, req.protect_last, None, options, worker, req.stop)
         job.attach(stream)
         job.post("ready")
         for piece in stream:
@@ -87,10 +85,8 @@ def compress(req: Request, policy: Policy):
             if job.cancelled.is_set():
                 raise Cancelled("the compression was cancelled")
 
-        session = worker.session
-        caches = worker.caches(session.tokenize(req.prompt), make_method(name, **options))
-        compressed = session.compress(req.prompt, budget, name, req.protect_last, req.marker, progress, caches,
-                                      **options)
+        compressed = worker.session.compress(req.prompt, budget, name, req.protect_last, req.marker, progress,
+                                             worker, **options)
         job.post("done", compressed)
 
     return work

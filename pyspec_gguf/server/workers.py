@@ -23,7 +23,7 @@ import numpy as np
 from .._log import logger as log
 from ..pipeline import Caches
 from ..prefix import PrefixPool
-from ..session import Cancelled, SpecSession, resolve_budget
+from ..session import Cancelled, SpecSession
 
 
 class QueueFull(Exception):
@@ -90,14 +90,11 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name=f"pyspec-worker-{index}", daemon=True)
         self.thread.start()
 
-    def resolve(self, method, tokens: np.ndarray, budget) -> tuple:
-        """(method, Choice or None): "auto" resolved for this prompt,
-        counting the prompt tokens the pools' caches hold; another method as
-        it is."""
-        if method.name != "auto":
-            return method, None
-        cached = [pool.cached_tokens(tokens) if pool else 0 for pool in (self.pool.draft_cache, self.pool.target_cache)]
-        return self.session.choose(method, tokens, resolve_budget(budget, len(tokens)), *cached)
+    def cached(self, tokens: np.ndarray) -> tuple:
+        """(draft, target): the prompt tokens the pools' free caches hold
+        (`pipeline.Caches`)."""
+        return tuple(pool.cached_tokens(tokens) if pool else 0
+                     for pool in (self.pool.draft_cache, self.pool.target_cache))
 
     def caches(self, tokens: np.ndarray, method) -> Caches:
         """The prefix caches a prompt's passes reuse, the job's until it
