@@ -187,15 +187,20 @@ NB_MODULE(_native, m) {
                  if (want == "none") w = 0;
                  else if (want == "last") w = 1;
                  else if (want == "logprobs") w = 2;
-                 else throw std::invalid_argument("want must be 'none', 'last' or 'logprobs'");
+                 else if (want == "all") w = 3;
+                 else throw std::invalid_argument("want must be 'none', 'last', 'logprobs' or 'all'");
                  std::vector<int32_t> toks = to_vec(tokens);
-                 std::vector<float> lp;
+                 std::vector<float> out;
                  {
                      nb::gil_scoped_release release;
-                     c.decode(toks, pos0, seq, w, w == 2 ? &lp : nullptr, next_token);
+                     c.decode(toks, pos0, seq, w, w >= 2 ? &out : nullptr, next_token);
                  }
-                 const size_t n = lp.size();
-                 return owned_array<float>(std::move(lp), {n});
+                 if (w == 3) {  // one row of logits per token
+                     const size_t rows = toks.size(), cols = out.size() / toks.size();
+                     return owned_array<float>(std::move(out), {rows, cols});
+                 }
+                 const size_t n = out.size();
+                 return owned_array<float>(std::move(out), {n});
              },
              "tokens"_a, "pos0"_a, "seq"_a = 0, "want"_a = "last", "next_token"_a = -1)
         .def("logits", [](const psg_context & c) {

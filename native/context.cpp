@@ -123,7 +123,7 @@ void psg_context::check_seq(int32_t seq) const {
 uint32_t psg_context::n_ctx() const { check_open(); return llama_n_ctx(ctx); }
 
 void psg_context::decode(const vector<int32_t> & tokens, int32_t pos0, int32_t seq, int32_t want,
-                         vector<float> * logprobs, int32_t next_token) {
+                         vector<float> * out, int32_t next_token) {
     check_open();
     check_seq(seq);
     const int32_t n = (int32_t) tokens.size();
@@ -156,8 +156,10 @@ void psg_context::decode(const vector<int32_t> & tokens, int32_t pos0, int32_t s
     // callback knows which rows it sees.
     const int32_t step = capture->armed ? (int32_t) params.n_ubatch : (int32_t) params.n_batch;
     const int32_t n_vocab = owner->n_vocab();
-    if (logprobs != nullptr) {
-        logprobs->assign(next_token >= 0 ? n : n - 1, 0.0f);
+    if (want == 2) {
+        out->assign(next_token >= 0 ? n : n - 1, 0.0f);
+    } else if (want == 3) {
+        out->assign((size_t) n * (size_t) n_vocab, 0.0f);
     }
     llama_batch batch = llama_batch_init(step, 0, 1);
     try {
@@ -170,7 +172,7 @@ void psg_context::decode(const vector<int32_t> & tokens, int32_t pos0, int32_t s
                 batch.n_seq_id[i] = 1;
                 batch.seq_id[i][0] = seq;
                 const bool last = start + i == n - 1;
-                batch.logits[i] = (want == 2) || (want == 1 && last);
+                batch.logits[i] = (want >= 2) || (want == 1 && last);
             }
             // the new tokens' cells are appended before the graph runs
             const size_t n_before = cells.pos.size();
@@ -196,7 +198,12 @@ void psg_context::decode(const vector<int32_t> & tokens, int32_t pos0, int32_t s
                     for (int32_t v = 1; v < n_vocab; ++v) mx = std::max(mx, lg[v]);
                     double z = 0.0;
                     for (int32_t v = 0; v < n_vocab; ++v) z += std::exp((double) (lg[v] - mx));
-                    (*logprobs)[gi] = (float) ((double) (lg[target] - mx) - std::log(z));
+                    (*out)[gi] = (float) ((double) (lg[target] - mx) - std::log(z));
+                }
+            } else if (want == 3) {
+                for (int32_t i = 0; i < m; ++i) {
+                    const float * lg = llama_get_logits_ith(ctx, i);
+                    std::copy(lg, lg + n_vocab, out->begin() + (size_t) (start + i) * (size_t) n_vocab);
                 }
             }
             if (want >= 1 && start + m == n) {

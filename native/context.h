@@ -61,9 +61,10 @@ struct psg_context {
     // Decodes tokens at positions pos0.. of `seq`. want: 0 = no logits,
     // 1 = logits of the last token, 2 = also log p(token[i+1] | ..token[i])
     // for every i, where token[n] is `next_token` if >= 0 (returned in
-    // `logprobs`: n values, or n-1 without a next token).
+    // `out`: n values, or n-1 without a next token), 3 = the logits of
+    // every token (returned in `out`: n rows of n_vocab, row-major).
     void decode(const std::vector<int32_t> & tokens, int32_t pos0, int32_t seq, int32_t want,
-                std::vector<float> * logprobs, int32_t next_token);
+                std::vector<float> * out, int32_t next_token);
     std::vector<float> logits_last() const;
 
     void sampler_set(float temperature, float top_p, uint32_t seed);

@@ -29,6 +29,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from ._log import logger as log
+from . import speculate
 from .engine import Sampling
 from .methods import Method
 from .passes import Clock, DraftNeeds, draft_pass
@@ -100,14 +101,16 @@ class Document:
 
     def ask(self, question: str, method: Union[str, Method] = "auto", budget: Union[int, float] = 1024,
             max_tokens: int = 256, stream: bool = False, sampling: Sampling = Sampling(),
-            progress: Optional[Callable[[int, int], None]] = None, **method_options):
+            progress: Optional[Callable[[int, int], None]] = None, speculative: str = speculate.DEFAULT,
+            **method_options):
         """Answer `question` in the conversation; the answer joins it. Same
         arguments and result as `SpecSession.generate`; the default, "auto",
         takes `full` or `specpc`, whichever is predicted to answer sooner,
         counting what the draft's and the target's caches of the
         conversation already hold."""
         call = self.session.stream(self.messages(question), method, budget, max_tokens, sampling,
-                                   self.protect_last(question), progress, method_options, caches=self)
+                                   self.protect_last(question), progress, method_options, caches=self,
+                                   speculative=speculative)
         call.on_result = lambda result: self._answered(question, result)
         return call if stream else call.run()
 

@@ -54,17 +54,21 @@ class Analysis:
         caches: prefix caches of the draft and the target (a document's
             conversation) that the passes over the whole prompt reuse and
             leave whole; either may be None.
+        draft_room: cells the draft's context keeps free after the prompt
+            (0: a pass's context closes when the pass ends), for the draft
+            to draft the answer in (`draft_context`).
     """
 
     def __init__(self, session, tokens: np.ndarray, protected: np.ndarray, max_tokens: int,
                  methods: Sequence[Method], fork: bool = False, progress: Optional[Callable] = None,
-                 clock: Optional[Clock] = None, caches: Optional["Caches"] = None):
+                 clock: Optional[Clock] = None, caches: Optional["Caches"] = None, draft_room: int = 0):
         if any(m.name == "auto" for m in methods):
             raise ValueError("auto chooses a method per prompt: resolve it first (SpecSession.choose)")
         self.session, self.tokens, self.protected = session, tokens, protected
         self.caches = caches or Caches()
         self.used_draft_cache = self.used_target_cache = False
         self.room = 1 + max_tokens  # the last prompt token, decoded again, and the answer
+        self.draft_room = draft_room
         self.fork, self.progress = fork, progress
         self.clock = clock or Clock()
         if getattr(progress, "stage", None) is not None:  # a display that names each stage as it begins
@@ -89,9 +93,20 @@ class Analysis:
         cache = None if planned.logprobs else self.caches.draft
         self.used_draft_cache |= cache is not None
         done = draft_pass(self.session.draft, self.tokens, planned, self.session.context_options, self.clock,
-                          self.progress, cache=cache)
+                          self.progress, room=self.draft_room, cache=cache)
+        if done.context is not None and cache is None:
+            self._contexts.append(done.context)
         self._drafts.append(done)
         return done
+
+    def draft_context(self):
+        """The draft's context holding the whole prompt in sequence 0 (and
+        after it whatever its pass drafted, `draft_room` cells free), from
+        the pass that ran, or from a plain prefill now where none did."""
+        if not self.draft_room:
+            raise ValueError("the draft's context closes with its pass: make the Analysis with draft_room")
+        done = next((d for d in self._drafts if d.context is not None), None) or self.draft(DraftNeeds())
+        return done.context
 
     def target(self, positions: np.ndarray, needs: TargetNeeds) -> TargetPass:
         """The target's pass over the prompt tokens at `positions` that

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from . import registry
+from . import registry, speculate
 from ._log import logger as log
 from .derive import QUANTS, derived_draft
 from .engine import Model, PromptTooLong, Sampling, default_threads, iter_text
@@ -47,6 +47,16 @@ class Stats:
     draft_cached: int = 0     # prompt tokens the draft found in its prefix cache (not prefilled again)
     target_cached: int = 0    # the same for the target
     auto: Optional[dict] = None  # method="auto": what it chose and why (`speed.Choice`)
+    speculative: str = "off"  # who drafted the answer: off, lookup, draft or lookup+draft
+    drafted: int = 0          # answer tokens proposed
+    accepted: int = 0         # of them, those the target kept
+    verify_steps: int = 0     # the target's batches that verified them
+    draft_decodes: int = 0    # the draft model's decode calls that proposed them
+    draft_kv_bytes: int = 0   # KV bytes the draft holds while it drafts the answer
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
 
     def line(self) -> str:
         t = self.times
@@ -59,8 +69,14 @@ class Stats:
         return (f"[{self.method}{chosen}] prompt {self.prompt_tokens} tok{cached}, kept {self.kept_tokens} | "
                 f"ttft {self.ttft_s:.2f} s "
                 f"(draft {t['draft_prefill'] + t['lookahead']:.2f} s, target prefill {t['target_prefill']:.2f} s) | "
-                f"decode {self.generated_tokens} tok, {self.decode_tok_s:.1f} tok/s | "
+                f"decode {self.generated_tokens} tok, {self.decode_tok_s:.1f} tok/s{self._speculation()} | "
                 f"target KV {self.target_kv_bytes / 2**20:.1f} MiB | peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+
+    def _speculation(self) -> str:
+        if self.speculative == "off":
+            return ""
+        held = f", draft KV {self.draft_kv_bytes / 2**20:.1f} MiB" if self.draft_kv_bytes else ""
+        return f" ({self.speculative}: {self.accepted}/{self.drafted} drafted tokens accepted{held})"
 
 
 @dataclass
@@ -189,7 +205,7 @@ class SpecSession:
     def generate(self, prompt: Prompt, method: Union[str, Method] = "specpc", budget: Union[int, float] = 1024,
                  max_tokens: int = 128, stream: bool = False, sampling: Sampling = Sampling(),
                  protect_last: int = 0, progress: Optional[Callable[[int, int], None]] = None,
-                 stop: Sequence[str] = (), **method_options):
+                 stop: Sequence[str] = (), speculative: str = speculate.DEFAULT, **method_options):
         """Answer `prompt` (text or chat messages) with `method` at `budget`
         tokens (an int) or fraction of the prompt (a float in (0, 1)); the
         answer ends before the first of the `stop` strings, if any.
@@ -202,9 +218,16 @@ class SpecSession:
         target_prefill, eviction). `protect_last` tokens at the end
         (e.g. the question) are always kept, as are the chat template's
         control tokens.
+
+        `speculative` drafts the answer for the target to verify, a few
+        tokens per batch (`pyspec_gguf.speculate`): "lookup" from the
+        whole prompt and the answer so far, "draft" with the draft model
+        (from its context of the whole prompt), "auto" the lookup first and
+        the draft where the method read the prompt with it, "off" not at all.
+        Greedy answers are the same either way.
         """
         stream_ = self.stream(prompt, method, budget, max_tokens, sampling, protect_last, progress,
-                              method_options, stop=stop)
+                              method_options, stop=stop, speculative=speculative)
         return stream_ if stream else stream_.run()
 
     def document(self, source, name: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
@@ -222,17 +245,18 @@ class SpecSession:
 
     def stream(self, prompt: Prompt, method: Union[str, Method], budget, max_tokens: int, sampling: Sampling,
                protect_last: int, progress, method_options: dict, caches=None,
-               stop: Sequence[str] = ()) -> "Stream":
+               stop: Sequence[str] = (), speculative: str = speculate.DEFAULT) -> "Stream":
         """A validated call, not yet run: what `generate`, a document's
         questions and the server go through. The answer ends before the
         first of the `stop` strings. `caches`: the prefix caches to reuse,
         `pipeline.Caches` or another source of them (see there)."""
+        speculate.check_mode(speculative)
         call = self._call(prompt, method, budget, protect_last, method_options, max_tokens, caches, progress)
         stop = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
         return Stream(self, call.method, call.tokens, call.budget, max_tokens, sampling, call.protected, progress,
-                      call.caches, stop, call.choice)
+                      call.caches, stop, call.choice, speculative)
 
     def compress(self, prompt: Union[str, Sequence[dict]], budget: Union[int, float] = 1024,
                  method: Union[str, Method] = "specpc", protect_last: int = 0, marker: str = " …",
@@ -455,9 +479,10 @@ class Stream:
 
     def __init__(self, session: "SpecSession", method: Method, tokens: np.ndarray, budget: int, max_tokens: int,
                  sampling: Sampling, protected: np.ndarray, progress, caches=None, stop: Sequence[str] = (),
-                 choice: Optional[Choice] = None):
+                 choice: Optional[Choice] = None, speculative: str = "off"):
         self._session, self._method, self._tokens = session, method, tokens
         self._choice = choice
+        self._speculative = self._speculation(speculative)
         self._budget, self._max_tokens, self._sampling = budget, max_tokens, sampling
         self._protected, self._progress, self._caches = protected, progress, caches
         self._stop = list(stop)
@@ -476,6 +501,27 @@ class Stream:
     def cancel(self) -> None:
         self._cancelled = True
 
+    def _speculation(self, mode: str) -> str:
+        """Who drafts the answer: off, lookup, draft or lookup+draft; the
+        draft only where there is one and it does not answer itself."""
+        if mode == "off":
+            return "off"
+        draft = self._session.draft is not None and not self._method.answers_with_draft
+        if mode == "draft" and not draft:
+            raise ValueError("speculative='draft' needs a draft model other than the one answering")
+        if mode == "auto":
+            return "lookup+draft" if draft and self._method.uses_draft else "lookup"
+        return mode
+
+    def _drafter(self, analysis: Analysis, counts: speculate.SpecCounts):
+        """What drafts the answer (None: nothing)."""
+        mode = self._speculative
+        lookup = speculate.PromptLookup(self._tokens) if "lookup" in mode else None
+        if "draft" not in mode:
+            return lookup
+        draft = speculate.DraftModel(analysis.draft_context(), len(self._tokens), counts=counts)
+        return speculate.LookupThenDraft(lookup, draft) if lookup else draft
+
     def _check(self) -> None:
         if self._cancelled:
             raise Cancelled("the answer was cancelled")
@@ -490,17 +536,26 @@ class Stream:
     def __iter__(self) -> Iterator[str]:
         t0 = time.perf_counter()
         self._check()
+        drafting = "draft" in self._speculative
         analysis = Analysis(self._session, self._tokens, self._protected, self._max_tokens, [self._method],
-                            progress=CheckedProgress(self._progress, self._check), caches=self._caches)
+                            progress=CheckedProgress(self._progress, self._check), caches=self._caches,
+                            draft_room=self._max_tokens + speculate.K_MAX + 1 if drafting else 0)
         prepared = None
         try:
             prepared = analysis.prepare(self._method, self._budget)
             answer, model = prepared.answer, prepared.model
             tokens, first = [], None
+            counts = speculate.SpecCounts()
+            drafter = self._drafter(analysis, counts)
+            if drafter is None:
+                generated = answer.context.generate(self._max_tokens, self._sampling, seq=answer.seq)
+            else:
+                generated = speculate.generate(answer.context, answer.seq, drafter, self._max_tokens,
+                                               self._sampling, model.is_eog, counts)
 
             def counted():
                 nonlocal first
-                for tok in answer.context.generate(self._max_tokens, self._sampling, seq=answer.seq):
+                for tok in generated:
                     self._check()
                     if first is None:
                         first = time.perf_counter()
@@ -534,7 +589,11 @@ class Stream:
                           peak_rss_bytes=peak_rss(),
                           draft_cached=caches.draft.reused if caches.draft and analysis.used_draft_cache else 0,
                           target_cached=caches.target.reused if caches.target and analysis.used_target_cache else 0,
-                          auto=asdict(self._choice) if self._choice else None)
+                          auto=asdict(self._choice) if self._choice else None,
+                          speculative=self._speculative, drafted=counts.drafted, accepted=counts.accepted,
+                          verify_steps=counts.steps, draft_decodes=counts.draft_decodes,
+                          draft_kv_bytes=len(self._tokens) * self._session.draft.kv_bytes_per_token
+                          if drafting else 0)
             self._session.observe(self._method, stats)
             ran_out = len(tokens) == self._max_tokens and not stops.stopped
             self.result = Result(text="".join(text), tokens=tokens, stats=stats, kept=prepared.kept,

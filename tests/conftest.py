@@ -46,6 +46,14 @@ def small_pair(small_path):
 
 
 @pytest.fixture(scope="session")
+def exact_pair(small_path):
+    """SmolLM2 as both, flash attention off: answers computed over
+    differently laid out caches agree to the last bit only without it."""
+    with SpecSession(draft=str(small_path), target=str(small_path), flash_attn="off", progress=False) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
 def draft():
     with pyspec_gguf.Model(registry.default_model("draft"), progress=False) as model:
         yield model

@@ -24,6 +24,19 @@ def test_ask_compare_and_show_kept(small_path, prose, tmp_path, capsys):
     assert "[full] prompt" in err and "[specpc] prompt" in err and "kept 120" in err
 
 
+def test_ask_speculates_and_says_so(small_path, prose, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(prose)
+    base = ["ask", "--doc", str(doc), "--question", "Tell the story of the fox.", "--draft", str(small_path),
+            "--target", str(small_path), "--method", "specpc", "--budget", "120", "--max-tokens", "16"]
+    assert main(base) == 0
+    plain, plain_err = capsys.readouterr()
+    assert "drafted tokens accepted" not in plain_err
+    assert main(base + ["--speculative", "draft"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain and "(draft: " in err and "drafted tokens accepted" in err
+
+
 @pytest.mark.parametrize("args,match", [
     (["--budget", "0"], "budget"),
     (["--method", "speckv", "--option", "kernel=4"], "odd"),

@@ -6,17 +6,14 @@ import numpy as np
 import pytest
 
 import pyspec_gguf
-from pyspec_gguf import SpecSession, make_method
+from pyspec_gguf import make_method
 from pyspec_gguf.bench.forks import PromptForks
 from pyspec_gguf.passes import DraftNeeds, TargetNeeds
 
 
 @pytest.fixture(scope="module")
-def session(small_path):
-    # flash attention off: forks and generate compute over differently laid out
-    # caches, which agree to the last bit only without it
-    with SpecSession(draft=str(small_path), target=str(small_path), flash_attn="off", progress=False) as s:
-        yield s
+def session(exact_pair):
+    return exact_pair
 
 
 @pytest.fixture(scope="module")

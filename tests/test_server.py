@@ -127,6 +127,16 @@ def test_chat_equals_generate(client, model_id, session, prose, method, stream):
     assert finish == expected.finish_reason
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_may_speculate(client, model_id, session, prose, stream):
+    messages = ask(prose, "Tell the story of the fox, word for word.")
+    text, stats, _, _ = chat(client, model_id, messages, stream, method="specpc", budget=BUDGET, speculative="auto")
+    expected = session.generate(messages, method="specpc", budget=BUDGET, max_tokens=MAX_TOKENS)
+    assert text == expected.text  # greedy: the same answer, drafted
+    assert stats["speculative"] == "lookup+draft" and 0 < stats["accepted"] <= stats["drafted"]
+    assert stats["draft_kv_bytes"] > 0
+
+
 def test_completions_equal_generate(client, model_id, session, prose):
     prompt = document(prose, 7) + "\nThe secret code is"
     expected = session.generate(prompt, method="specpc", budget=BUDGET, max_tokens=MAX_TOKENS)
@@ -206,6 +216,7 @@ def test_bad_requests_get_openai_errors(client, server, model_id):
         "budget": {"budget": -3}, "fraction": {"budget": 1.5}, "method": {"method": "nope"},
         "option": {"method": "specpc", "method_options": {"window": "wide"}},
         "orphan option": {"method_options": {"window": 8}},
+        "speculative": {"speculative": "fast"},
     }
     for what, extra in bad_bodies.items():
         with pytest.raises(openai.BadRequestError) as e:

@@ -54,6 +54,7 @@ def main(args) -> int:
             with progress_bar(name) as progress:
                 stream = session.generate(messages, method=name, budget=args.budget, max_tokens=args.max_tokens,
                                           stream=True, sampling=sampling(args), progress=progress,
+                                          speculative=args.speculative,
                                           protect_last=question_protect(session.target, args.question), **opts)
                 print_answer(stream, progress, f"--- {name}:" if len(runs) > 1 else None)
             print(stream.result.stats.line(), file=sys.stderr)

@@ -48,7 +48,7 @@ class Chat:
             with progress_bar(self.method) as progress:
                 stream = self.doc.ask(question, method=self.method, budget=self.budget,
                                       max_tokens=self.args.max_tokens, stream=True, sampling=sampling(self.args),
-                                      progress=progress, **self.options)
+                                      progress=progress, speculative=self.args.speculative, **self.options)
                 print_answer(stream, progress)
         except KeyboardInterrupt:
             print("\n[answer stopped; the conversation goes on without it]", file=sys.stderr)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .. import speculate
 from ..engine import Sampling
 from ..methods import METHODS, make_method, parse_option
 from ..registry import check_model_spec
@@ -33,6 +34,13 @@ def add_model_args(parser, max_tokens: int) -> None:
     parser.add_argument("--max-tokens", type=int, default=max_tokens, help="answer length limit (default %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--seed", type=int, default=0)
+    add_speculative_arg(parser)
+
+
+def add_speculative_arg(parser) -> None:
+    parser.add_argument("--speculative", choices=speculate.MODES, default=speculate.DEFAULT,
+                        help="draft the answer for the target to verify, a few tokens per batch: 'lookup' from the "
+                             "document, 'draft' with the draft model, 'auto' both (default: %(default)s)")
 
 
 def add_load_args(parser, target_help: str = "target model spec (default: the registry's target)") -> None:

@@ -6,7 +6,8 @@ any other engine). Prompts go through --method at --budget (auto: full or
 specpc, whichever is predicted to answer sooner; the models' speed is
 measured at start, once per machine and setting), those shorter than
 --min-prompt-tokens, if given, through full; a request may choose its own
-`method`, `budget` and `method_options` (the openai client's extra_body).
+`method`, `budget`, `method_options` and `speculative` (the openai client's
+extra_body).
 Needs the server extra: pip install "pyspec-gguf[server]".
 """
 
@@ -46,7 +47,7 @@ def main(args) -> int:
         raise ValueError("--min-prompt-tokens must be >= 0")
     if args.workers < 1 or args.queue_size < 1 or args.cache_slots < 0:
         raise ValueError("--workers and --queue-size must be >= 1, --cache-slots >= 0")
-    policy = Policy(args.method, args.budget, options, args.min_prompt_tokens, args.max_tokens)
+    policy = Policy(args.method, args.budget, options, args.min_prompt_tokens, args.max_tokens, args.speculative)
     session = open_session(args, uses_draft=True)
     try:
         pool = WorkerPool(session, args.workers, args.queue_size, args.cache_slots)

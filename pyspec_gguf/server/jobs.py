@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from .. import speculate
 from ..methods import make_method
 from ..session import Cancelled
 from .protocol import Request
@@ -17,16 +18,18 @@ class Policy:
     """The server's defaults: `method` at `budget` ("auto": per prompt,
     `full` or `specpc`, whichever is predicted faster); prompts shorter than
     `min_prompt_tokens`, where given, always go through `full`;
-    `max_tokens` for a request that names none."""
+    `max_tokens` and `speculative` for a request that names none."""
 
     method: str = "auto"
     budget: Union[int, float] = 0.25
     method_options: dict = field(default_factory=dict)
     min_prompt_tokens: Optional[int] = None
     max_tokens: int = 512
+    speculative: str = speculate.DEFAULT
 
     def __post_init__(self):
         make_method(self.method, **self.method_options)  # a bad default fails at start, not per request
+        speculate.check_mode(self.speculative)
 
     def max_tokens_for(self, req: Request, session, n_prompt: int) -> int:
         """The request's max_tokens; where it names none, the default cut to
@@ -56,7 +59,8 @@ def answer(req: Request, policy: Policy):
         tokens = session.tokenize(req.prompt)
         name, options, budget = policy.choose(req, len(tokens))
         stream = session.stream(req.prompt, name, budget, policy.max_tokens_for(req, session, len(tokens)),
-                                req.sampling, req.protect_last, None, options, worker, req.stop)
+                                req.sampling, req.protect_last, None, options, worker, req.stop,
+                                req.speculative or policy.speculative)
         job.attach(stream)
         job.post("ready")
         for piece in stream:

@@ -2,7 +2,7 @@
 shaped into responses and stream chunks, errors into OpenAI error bodies.
 
 The project's own fields ride along: a request may name `method`,
-`budget`, `method_options` and `protect_last` (the `openai` client's
+`budget`, `method_options`, `protect_last` and `speculative` (the `openai` client's
 `extra_body`); a response carries `pyspec` (kept tokens, time to first
 token by stage, target KV bytes, prefix-cache hits).
 """
@@ -15,6 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
+from .. import speculate
 from ..engine import PromptTooLong, Sampling
 from ..methods import make_method
 from ..session import check_budget
@@ -54,6 +55,7 @@ class Request:
     budget: Optional[Union[int, float]] = None
     method_options: dict = field(default_factory=dict)
     protect_last: int = 0
+    speculative: Optional[str] = None  # None: the server's default
     max_tokens: Optional[int] = None
     sampling: Sampling = field(default_factory=Sampling)
     stop: list = field(default_factory=list)
@@ -97,7 +99,7 @@ def _messages(body: dict) -> list:
 
 
 def _policy_fields(body: dict, req: Request) -> Request:
-    """method, budget, method_options, protect_last: checked, the method
+    """method, budget, method_options, protect_last, speculative: checked, the method
     built once here so that a bad name or option is a 400 before queueing."""
     req.method = _get(body, "method", str, what="a method name")
     req.method_options = _get(body, "method_options", dict, {}, what="an object of method options")
@@ -116,6 +118,8 @@ def _policy_fields(body: dict, req: Request) -> Request:
             raise RequestError(str(e), param="budget") from None
         req.budget = budget
     req.protect_last = _get(body, "protect_last", int, 0, lambda v: v >= 0, "an integer >= 0")
+    req.speculative = _get(body, "speculative", str, None, lambda v: v in speculate.MODES,
+                           "one of " + ", ".join(speculate.MODES))
     return req
 
 

@@ -1,0 +1,217 @@
+"""Speculative decoding of long answers about one document: decode speed,
+acceptance and exactness per drafter, and what the same acceptance would
+give a 7B target.
+
+    python -P studies/speculative.py --tokens 8192 --runs 3
+    python -P studies/speculative.py --cost --target standin:qwen2.5-7b
+
+The first asks a Document (the benchmark's 8K-token haystack of essays)
+questions whose answers run long, each with every mode in turn
+(off, lookup, draft, auto: interleaved, so the machine's drift hits them
+alike), the conversation restarted before each; a row per answer, appended
+as it comes, the same command later skipping the rows the file holds.
+
+The second measures, on the given target and the registry's draft, what a
+decode step costs: the target verifying m tokens in one batch (m = 1..9)
+on 1,024 kept tokens, and the draft proposing one token after the whole
+prompt. `--project` then combines them with the counts the first measured
+on the pair (verify batches, drafted and accepted tokens, draft decodes) into
+a projected decode speedup — a projection, labelled as one.
+
+Reproduces bench/README.md, "Answers faster: speculative decoding".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pyspec_gguf import registry
+from pyspec_gguf.bench import standin
+from pyspec_gguf.bench.common import append_result
+from pyspec_gguf.bench.tasks import make_conversation
+from pyspec_gguf.engine import Model
+from pyspec_gguf.session import SpecSession
+
+QUESTIONS = [
+    "List every special magic number mentioned in the provided text, each with the name it is for.",
+    "Summarize the text in detail, one paragraph for each essay it draws from.",
+    "Quote the first two paragraphs of the text word for word.",
+    "What does the author say about startups, investors and hiring? Answer at length, quoting the text.",
+]
+MODES = ["off", "lookup", "draft", "auto"]
+
+
+def _rows(path: Path) -> list:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def answers(args) -> None:
+    out = Path(args.out)
+    key = {"kind": "answer", "tokens": args.tokens, "budget": args.budget, "max_tokens": args.max_tokens,
+           "method": args.method}
+    done = {(r["run"], r["question"], r["mode"]) for r in _rows(out)
+            if all(r.get(k) == v for k, v in key.items())}
+    modes = args.modes.split(",")
+    todo = [(run, q, mode) for run in range(args.runs) for q in range(len(QUESTIONS)) for mode in modes
+            if (run, q, mode) not in done]
+    if not todo:
+        return
+    with SpecSession(draft=args.draft, target=args.target, n_threads=args.threads, progress=False) as session:
+        text, _ = make_conversation(session.target, args.tokens, 4, args.seed)
+        doc = session.document(text, cache=False)
+        for run, q, mode in todo:
+            doc.forget()
+            r = doc.ask(QUESTIONS[q], method=args.method, budget=args.budget, max_tokens=args.max_tokens,
+                        speculative=mode)
+            s = r.stats
+            row = {**key, "run": run, "question": q, "mode": mode, "speculative": s.speculative,
+                   "prompt_tokens": s.prompt_tokens, "ttft_s": s.ttft_s, "decode_s": s.times["decode"],
+                   "generated_tokens": s.generated_tokens, "decode_tok_s": s.decode_tok_s,
+                   "drafted": s.drafted, "accepted": s.accepted, "verify_steps": s.verify_steps,
+                   "draft_decodes": s.draft_decodes, "draft_kv_bytes": s.draft_kv_bytes,
+                   "answer_sha": hashlib.sha256(np.asarray(r.tokens, np.int32).tobytes()).hexdigest()[:16],
+                   "answer": r.text}
+            append_result(out, row)
+            print(f"run {run} q{q} {mode:>6}: {s.generated_tokens} tok, {s.decode_tok_s:.2f} tok/s, "
+                  f"{s.accepted}/{s.drafted} accepted", file=sys.stderr, flush=True)
+
+
+def summary(rows: list) -> str:
+    """Per mode: decode speed, its ratio to plain decoding of the same
+    answer (median over questions and runs), acceptance, tokens accepted
+    per verify batch, and answers identical to plain decoding's."""
+    rows = [r for r in rows if r.get("kind") == "answer"]
+    plain = {(r["run"], r["question"]): r for r in rows if r["mode"] == "off"}
+    lines = ["| mode | answers | decode tok/s (median) | × plain (median, range) | accepted / drafted | "
+             "accepted per batch | identical to plain |", "|---|---|---|---|---|---|---|"]
+    for mode in MODES:
+        mine = [r for r in rows if r["mode"] == mode]
+        if not mine:
+            continue
+        pairs = [(r, plain[(r["run"], r["question"])]) for r in mine if (r["run"], r["question"]) in plain]
+        ratios = [r["decode_tok_s"] / p["decode_tok_s"] for r, p in pairs]
+        drafted, accepted = sum(r["drafted"] for r in mine), sum(r["accepted"] for r in mine)
+        steps = sum(r["verify_steps"] for r in mine)
+        same = sum(r["answer_sha"] == p["answer_sha"] for r, p in pairs)
+        lines.append(f"| {mode} | {len(mine)} | {statistics.median(r['decode_tok_s'] for r in mine):.2f} | "
+                     f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) | "
+                     f"{accepted}/{drafted} ({accepted / drafted if drafted else float('nan'):.2f}) | "
+                     f"{accepted / steps if steps else float('nan'):.2f} | {same}/{len(pairs)} |")
+    return "\n".join(lines)
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cost(args) -> None:
+    """What a target verify batch of m tokens and a draft step cost."""
+    target = args.target or registry.default_model("target")
+    if standin.is_standin(target):
+        target = str(standin.standin_target(registry.resolve(registry.default_model("target")),
+                                            standin.check_standin(target)))
+    rng = np.random.default_rng(0)
+    row = {"kind": "cost", "target": args.target or registry.default_model("target"), "kept": 1024,
+           "tokens": args.tokens, "verify_s": {}}
+    opts = {"n_threads": args.threads, "flash_attn": "auto"}
+    with Model(target, progress=False) as model:
+        ctx = model.context(n_ctx=1024 + 16, **opts)
+        ctx.prefill(rng.integers(100, 10_000, 1024).astype(np.int32), want="none")
+        for m in range(1, 10):
+            batch = rng.integers(100, 10_000, m).astype(np.int32)
+
+            def verify():
+                ctx.decode(batch, 1024, 0, "all")
+                ctx.seq_rm(0, 1024, -1)
+            verify()  # warm
+            row["verify_s"][m] = _median_time(verify, args.reps)
+        ctx.close()
+    with Model(registry.resolve(args.draft or registry.default_model("draft")), progress=False) as model:
+        ctx = model.context(n_ctx=args.tokens + 16, **opts)
+        ctx.prefill(rng.integers(100, 10_000, args.tokens).astype(np.int32), want="none")
+        one = np.array([500], np.int32)
+
+        def step():
+            ctx.decode(one, args.tokens, 0, "last")
+            ctx.sample()
+            ctx.seq_rm(0, args.tokens, -1)
+        step()
+        row["draft_step_s"] = _median_time(step, args.reps * 4)
+        ctx.close()
+    append_result(Path(args.out), row)
+    print(json.dumps(row), file=sys.stderr)
+
+
+def projected_time(counts: dict, verify_s: dict, draft_step_s: float) -> float:
+    """Decode seconds of an answer with these counts at these step costs:
+    its verify batches (1 + the proposals' mean each), its plain steps
+    (no proposal), and the draft's decode calls."""
+    def batch_s(m: float) -> float:
+        ms = sorted(verify_s)
+        return float(np.interp(m, ms, [verify_s[k] for k in ms]))
+    n, steps = counts["generated_tokens"], counts["verify_steps"]
+    plain_steps = max(0, n - counts["accepted"] - steps)
+    spec = steps * batch_s(1 + counts["drafted"] / steps) if steps else 0.0
+    return spec + plain_steps * batch_s(1) + counts["draft_decodes"] * draft_step_s
+
+
+def project(rows: list) -> str:
+    """The pair's counts at each measured target's step costs."""
+    lines = ["| target | mode | projected × plain decode speed |", "|---|---|---|"]
+    answered = [r for r in rows if r.get("kind") == "answer" and r["mode"] != "off"]
+    for c in (r for r in rows if r.get("kind") == "cost"):
+        verify_s = {int(k): v for k, v in c["verify_s"].items()}
+        for mode in MODES[1:]:
+            mine = [r for r in answered if r["mode"] == mode]
+            if not mine:
+                continue
+            plain = sum(r["generated_tokens"] for r in mine) * verify_s[1]
+            spec = sum(projected_time(r, verify_s, c["draft_step_s"]) for r in mine)
+            lines.append(f"| {c['target']} | {mode} | {plain / spec:.2f} (projection) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -P studies/speculative.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--method", default="specpc")
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--draft", default="")
+    p.add_argument("--target", default=None)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--cost", action="store_true", help="measure the step costs of --target and the draft")
+    p.add_argument("--out", default="bench/results/speculative.jsonl")
+    args = p.parse_args(argv)
+    if args.cost:
+        cost(args)
+    else:
+        answers(args)
+    rows = _rows(Path(args.out))
+    print(summary(rows))
+    print(project(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
