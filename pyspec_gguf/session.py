@@ -47,7 +47,7 @@ class Stats:
     draft_cached: int = 0     # prompt tokens the draft found in its prefix cache (not prefilled again)
     target_cached: int = 0    # the same for the target
     auto: Optional[dict] = None  # method="auto": what it chose and why (`speed.Choice`)
-    speculative: str = "off"  # who drafted the answer: off, lookup, draft or lookup+draft
+    speculative: str = "off"  # who drafted the answer: off, lookup, draft or auto
     drafted: int = 0          # answer tokens proposed
     accepted: int = 0         # of them, those the target kept
     verify_steps: int = 0     # the target's batches that verified them
@@ -222,9 +222,11 @@ class SpecSession:
         `speculative` drafts the answer for the target to verify, a few
         tokens per batch (`pyspec_gguf.speculate`): "lookup" from the
         whole prompt and the answer so far, "draft" with the draft model
-        (from its context of the whole prompt), "auto" the lookup first and
-        the draft where the method read the prompt with it, "off" not at all.
-        Greedy answers are the same either way.
+        (from its context of the whole prompt), "auto" step by step a plain
+        step, the lookup or the draft (where the method read the prompt with
+        it), whichever it expects the most tokens per second of, "off" not
+        at all. Greedy answers are the same either way, but for a near-tie
+        that a batch's rounding decides the other way.
         """
         stream_ = self.stream(prompt, method, budget, max_tokens, sampling, protect_last, progress,
                               method_options, stop=stop, speculative=speculative)
@@ -482,7 +484,7 @@ class Stream:
                  choice: Optional[Choice] = None, speculative: str = "off"):
         self._session, self._method, self._tokens = session, method, tokens
         self._choice = choice
-        self._speculative = self._speculation(speculative)
+        self._speculative, self._drafting = speculative, self._speculation(speculative)
         self._budget, self._max_tokens, self._sampling = budget, max_tokens, sampling
         self._protected, self._progress, self._caches = protected, progress, caches
         self._stop = list(stop)
@@ -501,26 +503,24 @@ class Stream:
     def cancel(self) -> None:
         self._cancelled = True
 
-    def _speculation(self, mode: str) -> str:
-        """Who drafts the answer: off, lookup, draft or lookup+draft; the
-        draft only where there is one and it does not answer itself."""
-        if mode == "off":
-            return "off"
+    def _speculation(self, mode: str) -> bool:
+        """Whether the draft model drafts the answer: for "draft", and for
+        "auto" where the method read the prompt with it (its context is at
+        hand); never where there is none or it answers itself."""
         draft = self._session.draft is not None and not self._method.answers_with_draft
         if mode == "draft" and not draft:
             raise ValueError("speculative='draft' needs a draft model other than the one answering")
-        if mode == "auto":
-            return "lookup+draft" if draft and self._method.uses_draft else "lookup"
-        return mode
+        return mode == "draft" or (mode == "auto" and draft and self._method.uses_draft)
 
     def _drafter(self, analysis: Analysis, counts: speculate.SpecCounts):
         """What drafts the answer (None: nothing)."""
-        mode = self._speculative
-        lookup = speculate.PromptLookup(self._tokens) if "lookup" in mode else None
-        if "draft" not in mode:
-            return lookup
-        draft = speculate.DraftModel(analysis.draft_context(), len(self._tokens), counts=counts)
-        return speculate.LookupThenDraft(lookup, draft) if lookup else draft
+        if self._speculative == "off":
+            return None
+        session = self._session
+        if not self._drafting:
+            return speculate.make_drafter(self._speculative, self._tokens, counts=counts)
+        return speculate.make_drafter(self._speculative, self._tokens, analysis.draft_context(), counts,
+                                      speculate.step_cost(session.draft, session.target))
 
     def _check(self) -> None:
         if self._cancelled:
@@ -536,10 +536,9 @@ class Stream:
     def __iter__(self) -> Iterator[str]:
         t0 = time.perf_counter()
         self._check()
-        drafting = "draft" in self._speculative
         analysis = Analysis(self._session, self._tokens, self._protected, self._max_tokens, [self._method],
                             progress=CheckedProgress(self._progress, self._check), caches=self._caches,
-                            draft_room=self._max_tokens + speculate.K_MAX + 1 if drafting else 0)
+                            draft_room=self._max_tokens + speculate.K_MAX + 1 if self._drafting else 0)
         prepared = None
         try:
             prepared = analysis.prepare(self._method, self._budget)
@@ -593,7 +592,7 @@ class Stream:
                           speculative=self._speculative, drafted=counts.drafted, accepted=counts.accepted,
                           verify_steps=counts.steps, draft_decodes=counts.draft_decodes,
                           draft_kv_bytes=len(self._tokens) * self._session.draft.kv_bytes_per_token
-                          if drafting else 0)
+                          if self._drafting else 0)
             self._session.observe(self._method, stats)
             ran_out = len(tokens) == self._max_tokens and not stops.stopped
             self.result = Result(text="".join(text), tokens=tokens, stats=stats, kept=prepared.kept,

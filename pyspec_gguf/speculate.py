@@ -8,19 +8,24 @@ Two drafters, both deterministic (their proposal distribution q is one-hot):
   compute, and answers about a document copy its spans;
 - `DraftModel`: the draft model, greedily, from its context of the whole
   prompt (the one it read to choose what the target keeps).
-`LookupThenDraft` asks the lookup first and the draft where it finds no
-match.
+With `speculative="auto"`, `AutoDrafter` takes, step by step, a plain
+step, the lookup's or the draft's proposal, whichever its `Planner`
+expects the most tokens per second of, from what this answer has measured
+(the target's batch costs, each drafter's cost and acceptance): where
+speculation would not pay, it decodes as without.
 
 Greedy decoding accepts a proposal where it is the target's argmax, so the
 answer is the target's greedy answer (up to a batch's rounding, DESIGN.md
-§11). Sampling accepts a proposal x with probability p(x), else draws from p
-without x, renormalized: speculative sampling's rule (Leviathan et al. 2023;
+§11). Sampling accepts a proposal x with probability p(x), else emits a
+draw from p without x: speculative sampling's rule (Leviathan et al. 2023;
 Chen et al. 2023) for a one-hot q, which leaves the output distributed as
-the target's p exactly.
+the target's p exactly (`Verifier`).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -47,13 +52,30 @@ class SpecCounts:
         return self.accepted / self.drafted if self.drafted else float("nan")
 
 
+def step_cost(draft, target) -> float:
+    """A draft decode step's cost in target steps, as first guessed: a step
+    reads every weight once, so their files' sizes (DESIGN.md §11)."""
+    return os.path.getsize(draft.path) / os.path.getsize(target.path)
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"speculative must be one of {', '.join(MODES)}, not {mode!r}")
     return mode
 
 
-class PromptLookup:
+class AdaptiveK:
+    """k, the tokens proposed per step: one more after a step whose
+    proposals were all accepted, else one more than were."""
+
+    k = 2
+
+    def feedback(self, proposed: int, accepted: int, batch_tokens: int, batch_s: float) -> None:
+        if proposed:
+            self.k = min(K_MAX, self.k + 1) if accepted == proposed else max(K_MIN, accepted + 1)
+
+
+class PromptLookup(AdaptiveK):
     """Proposes what followed the most recent earlier occurrence of the
     text's last n tokens (the longest n from `max_ngram` down to
     `min_ngram` that occurs), in the prompt and the answer so far.
@@ -71,9 +93,13 @@ class PromptLookup:
         self._text[:len(prompt)] = prompt
         self._n = len(prompt)
 
-    def propose(self, new: Sequence[int], k: int) -> list:
-        """Up to k tokens to follow the text, after appending `new` to it."""
-        self._append(new)
+    def propose(self, new: Sequence[int], room: int) -> list:
+        """Up to min(k, room) tokens to follow the text, after appending `new` to it."""
+        self.append(new)
+        return self.match(min(self.k, room))
+
+    def match(self, k: int) -> list:
+        """Up to k tokens that followed the latest longest match of the text's end."""
         text, n = self._text, self._n
         for size in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):
             tail = text[n - size:n]
@@ -87,7 +113,7 @@ class PromptLookup:
                 return text[after:min(after + k, n)].tolist()
         return []
 
-    def _append(self, new: Sequence[int]) -> None:
+    def append(self, new: Sequence[int]) -> None:
         if self._n + len(new) > len(self._text):
             grown = np.empty(2 * (self._n + len(new)), np.int32)
             grown[:self._n] = self._text[:self._n]
@@ -96,7 +122,7 @@ class PromptLookup:
         self._n += len(new)
 
 
-class DraftModel:
+class DraftModel(AdaptiveK):
     """Proposes the draft model's greedy continuation. Its context holds
     the whole prompt in `seq` (cells beyond `n_prompt`, the lookahead it
     drafted, are removed first); each call decodes the text's new tokens
@@ -110,8 +136,16 @@ class DraftModel:
         context.set_sampler(0.0, 1.0, 0)
         self._pos = n_prompt   # cells of the text held
         self._decoded: list = []  # proposals decoded after them, in order
+        self.catch_up_s = self.propose_s = 0.0
 
-    def propose(self, new: Sequence[int], k: int) -> list:
+    def propose(self, new: Sequence[int], room: int) -> list:
+        return self.draft(new, min(self.k, room))
+
+    def draft(self, new: Sequence[int], k: int) -> list:
+        """Take in the text's `new` tokens (one decode, which also gives
+        the first proposal), then draft k tokens; the seconds of each part
+        are kept in `catch_up_s` and `propose_s`."""
+        t0 = time.perf_counter()
         new = list(new)
         same = 0
         while same < min(len(new), len(self._decoded)) and new[same] == self._decoded[same]:
@@ -125,6 +159,8 @@ class DraftModel:
         self.context.decode(np.asarray(rest, np.int32), self._pos, self.seq, "last")
         self.counts.draft_decodes += 1
         self._pos += len(rest)
+        t1 = time.perf_counter()
+        self.catch_up_s = t1 - t0
         proposals = []
         for i in range(k):
             token = self.context.sample()
@@ -133,24 +169,155 @@ class DraftModel:
                 self.context.decode(np.asarray([token], np.int32), self._pos + i, self.seq, "last")
                 self.counts.draft_decodes += 1
                 self._decoded.append(token)
+        self.propose_s = time.perf_counter() - t1
         return proposals
 
 
-class LookupThenDraft:
-    """The lookup's proposal where it finds a match, else the draft's; the
-    draft catches up with the text when it is next asked."""
+class Source:
+    """What one drafter has shown in this answer, in target steps: how often
+    the target accepts its next proposal (successes and failures, older
+    steps weighing less; a prior of one each), what a proposed token costs
+    beyond the first, and what taking in a token of text it has not seen
+    costs (the draft's decode of the text since it last drafted, which also
+    gives its first proposal)."""
 
-    def __init__(self, lookup: PromptLookup, draft: DraftModel):
+    def __init__(self, cost: float):
+        self.cost = self.catch_up = cost
+        self.hits = self.misses = 1.0
+        self.unseen = 0   # tokens of text to take in before proposing
+        self.skipped = 0  # steps it could have proposed and did not
+
+    @property
+    def acceptance(self) -> float:
+        return self.hits / (self.hits + self.misses)
+
+    def accepted(self, proposed: int, accepted: int) -> None:
+        self.hits = 0.9 * self.hits + accepted
+        self.misses = 0.9 * self.misses + (accepted < proposed)
+
+
+class Planner:
+    """Plain step or k proposals from one drafter: whichever is expected to
+    give the most answer tokens per second. k proposals accepted one after
+    the other with probability α give (1 − α^(k+1)) / (1 − α) tokens; they
+    cost a target batch of k + 1 tokens (one step plus `extra` steps per
+    added token, measured) and the drafter's time (its catch-up and k − 1
+    more tokens, measured)."""
+
+    PROBE_EVERY = 16  # steps a drafter sits out before it is tried once more, where it might pay
+    WEIGHT = 0.3      # of a new measurement against the running estimate
+
+    def __init__(self, draft_cost: float):
+        self.step_s: Optional[float] = None  # a one-token batch of the target, seconds
+        self.extra = 0.25                    # each added token of a batch, in steps (until measured)
+        self.sources = {"lookup": Source(0.0), "draft": Source(draft_cost)}
+
+    def rate(self, source: str, k: int, acceptance: Optional[float] = None) -> float:
+        """Expected tokens per target step of proposing k from `source`."""
+        if k == 0:
+            return 1.0
+        src = self.sources[source]
+        a = src.acceptance if acceptance is None else acceptance
+        drafting = src.catch_up * max(1, src.unseen) + src.cost * (k - 1)
+        return (1 - a ** (k + 1)) / (1 - a) / (1 + self.extra * k + drafting)
+
+    def choose(self, available: dict) -> tuple:
+        """(source, k) for the next step, of {source: the most it can propose}."""
+        if self.step_s is None:  # a plain step first: what a step costs
+            return None, 0
+        best, best_rate = (None, 0), 1.0
+        for source, most in available.items():
+            if most >= 1:
+                k, rate = max(((k, self.rate(source, k)) for k in range(1, most + 1)), key=lambda kr: kr[1])
+                if rate > best_rate:
+                    best, best_rate = (source, k), rate
+        for source, most in available.items():
+            src = self.sources[source]
+            src.skipped = 0 if source == best[0] else src.skipped + (most >= 1)
+        if best[0] is None:  # a drafter that sat out long enough tries once more, where it might pay
+            for source, most in available.items():
+                src = self.sources[source]
+                if most >= 1 and src.skipped >= self.PROBE_EVERY and self.rate(source, 1, acceptance=0.95) > 1:
+                    src.skipped = 0
+                    return source, 1
+        return best
+
+    def batch(self, tokens: int, seconds: float) -> None:
+        """A target batch of `tokens` took `seconds`."""
+        w = self.WEIGHT
+        if tokens == 1:
+            self.step_s = seconds if self.step_s is None else (1 - w) * self.step_s + w * seconds
+        elif self.step_s:
+            extra = max(0.0, (seconds / self.step_s - 1) / (tokens - 1))
+            self.extra = (1 - w) * self.extra + w * extra
+
+    def drafted(self, source: str, k: int, unseen: int, catch_up_s: float, propose_s: float) -> None:
+        """`source` took catch_up_s to take in `unseen` tokens, then
+        propose_s for its k - 1 further proposals."""
+        if not self.step_s:
+            return
+        src, w = self.sources[source], self.WEIGHT
+        src.catch_up = (1 - w) * src.catch_up + w * catch_up_s / max(1, unseen) / self.step_s
+        if k > 1:
+            src.cost = (1 - w) * src.cost + w * propose_s / (k - 1) / self.step_s
+
+
+class AutoDrafter:
+    """speculative="auto": each step a plain step, the lookup's proposal or
+    the draft's, as the `Planner` expects the most tokens per second of;
+    the draft (where there is one) catches up with the text when next
+    asked.
+
+    Args:
+        lookup: the prompt lookup.
+        draft: the draft model, or None.
+        draft_cost: the prior cost of a draft token, in target steps (e.g.
+            the draft's bytes over the target's: a step reads every weight).
+    """
+
+    def __init__(self, lookup: PromptLookup, draft: Optional[DraftModel] = None, draft_cost: float = 1.0):
         self.lookup, self.draft = lookup, draft
+        self.planner = Planner(draft_cost)
         self._unseen: list = []  # text the draft has not decoded yet
+        self._source: Optional[str] = None
 
-    def propose(self, new: Sequence[int], k: int) -> list:
+    def propose(self, new: Sequence[int], room: int) -> list:
+        self.lookup.append(new)
         self._unseen += list(new)
-        proposals = self.lookup.propose(new, k)
-        if proposals:
+        match = self.lookup.match(min(K_MAX, room))
+        available = {"lookup": len(match)}
+        if self.draft is not None:
+            available["draft"] = min(K_MAX, room)
+            self.planner.sources["draft"].unseen = len(self._unseen)
+        self._source, k = self.planner.choose(available)
+        if self._source == "lookup":
+            return match[:k]
+        if self._source == "draft":
+            unseen, self._unseen = self._unseen, []
+            proposals = self.draft.draft(unseen, k)
+            self.planner.drafted("draft", k, len(unseen), self.draft.catch_up_s, self.draft.propose_s)
             return proposals
-        unseen, self._unseen = self._unseen, []
-        return self.draft.propose(unseen, k)
+        return []
+
+    def feedback(self, proposed: int, accepted: int, batch_tokens: int, batch_s: float) -> None:
+        self.planner.batch(batch_tokens, batch_s)
+        if self._source is not None and proposed:
+            self.planner.sources[self._source].accepted(proposed, accepted)
+
+
+def make_drafter(mode: str, prompt: np.ndarray, draft_context=None, counts: Optional[SpecCounts] = None,
+                 draft_cost: float = 1.0):
+    """The drafter of `mode` (None for "off"). draft_context: the draft's
+    context holding the whole prompt in sequence 0, where the draft drafts
+    (None: it does not); draft_cost: a draft step's first guessed cost in
+    target steps (`step_cost`)."""
+    if mode == "off":
+        return None
+    lookup = PromptLookup(prompt) if mode != "draft" else None
+    draft = DraftModel(draft_context, len(prompt), counts=counts) if draft_context is not None else None
+    if mode == "auto":
+        return AutoDrafter(lookup, draft, draft_cost)
+    return lookup or draft
 
 
 def target_probs(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
@@ -172,34 +339,29 @@ def target_probs(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
 
 
 class Verifier:
-    """The target's choice at each row of its logits: argmax when greedy;
-    with sampling, speculative sampling's accept/reject of a one-hot
-    proposal, seeded."""
+    """The target's token at each answer position from its logits there:
+    the argmax when greedy; with sampling, a draw from its distribution p
+    with the position's own seeded uniform number (by inverting p's
+    cumulative sum), so the answer does not depend on how positions fell
+    into batches. A proposal is accepted where it is that draw: with
+    probability p(x), and where not, the token emitted is distributed as p
+    without x — speculative sampling's rule for a one-hot proposal."""
 
     def __init__(self, sampling: Sampling):
         self.sampling = sampling
         self.greedy = sampling.temperature == 0.0
-        self.rng = None if self.greedy else np.random.default_rng(sampling.seed)
 
-    def accepts(self, logits: np.ndarray, proposal: int) -> tuple:
+    def accepts(self, logits: np.ndarray, proposal: int, position: int) -> tuple:
         """(accepted, the token to emit instead where not)."""
-        if self.greedy:
-            best = int(np.argmax(logits))
-            return best == proposal, best
-        p = target_probs(logits, self.sampling)
-        if self.rng.random() < p[proposal]:
-            return True, proposal
-        p[proposal] = 0.0  # the residual max(0, p - q) of a one-hot q
-        total = p.sum()
-        if total <= 0.0:  # p was all on the proposal: accepted with certainty above
-            return True, proposal
-        return False, int(self.rng.choice(len(p), p=p / total))
+        token = self.draw(logits, position)
+        return token == proposal, token
 
-    def draw(self, logits: np.ndarray) -> int:
+    def draw(self, logits: np.ndarray, position: int) -> int:
         if self.greedy:
             return int(np.argmax(logits))
-        p = target_probs(logits, self.sampling)
-        return int(self.rng.choice(len(p), p=p))
+        cdf = np.cumsum(target_probs(logits, self.sampling))
+        u = np.random.default_rng((self.sampling.seed, position)).random() * cdf[-1]
+        return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
 
 
 def generate(context, seq: int, drafter, max_tokens: int, sampling: Sampling, is_eog: Callable[[int], bool],
@@ -213,8 +375,8 @@ def generate(context, seq: int, drafter, max_tokens: int, sampling: Sampling, is
         return
     counts = counts if counts is not None else SpecCounts()
     verify = Verifier(sampling)
-    token = verify.draw(context.logits())
-    new, produced, k = [token], 0, 2
+    token = verify.draw(context.logits(), 0)
+    new, produced = [token], 0
     while True:
         if is_eog(token):
             return
@@ -223,25 +385,27 @@ def generate(context, seq: int, drafter, max_tokens: int, sampling: Sampling, is
         if produced == max_tokens:
             return
         # what follows `token` can be at most max_tokens - produced tokens: the proposals and the target's own
-        proposals = drafter.propose(new, min(k, max_tokens - produced - 1)) if max_tokens - produced > 1 else []
+        proposals = drafter.propose(new, max_tokens - produced - 1) if max_tokens - produced > 1 else []
         pos = context.next_pos(seq)
+        t0 = time.perf_counter()
         rows = context.decode(np.asarray([token] + proposals, np.int32), pos, seq, "all")
+        batch_s = time.perf_counter() - t0
         accepted = []
         for i, proposal in enumerate(proposals):
-            ok, instead = verify.accepts(rows[i], proposal)
+            ok, instead = verify.accepts(rows[i], proposal, produced + i)
             if not ok:
                 token = instead
                 break
             accepted.append(proposal)
         else:
-            token = verify.draw(rows[len(proposals)])
+            token = verify.draw(rows[len(proposals)], produced + len(proposals))
         if len(accepted) < len(proposals):
             context.seq_rm(seq, pos + 1 + len(accepted), -1)  # the rejected proposals' cells
+        drafter.feedback(len(proposals), len(accepted), 1 + len(proposals), batch_s)
         if proposals:
             counts.steps += 1
             counts.drafted += len(proposals)
             counts.accepted += len(accepted)
-            k = min(K_MAX, k + 1) if len(accepted) == len(proposals) else max(K_MIN, len(accepted) + 1)
         for proposal in accepted:
             if is_eog(proposal):
                 return

@@ -5,11 +5,12 @@ give a 7B target.
     python -P studies/speculative.py --tokens 8192 --runs 3
     python -P studies/speculative.py --cost --target standin:qwen2.5-7b
 
-The first asks a Document (the benchmark's 8K-token haystack of essays)
-questions whose answers run long, each with every mode in turn
-(off, lookup, draft, auto: interleaved, so the machine's drift hits them
-alike), the conversation restarted before each; a row per answer, appended
-as it comes, the same command later skipping the rows the file holds.
+The first asks questions whose answers run long about the benchmark's
+8K-token haystack of essays: per question the prompt's passes and SpecPC's
+selection run once, then every mode (off, lookup, draft, auto: in turn, run
+after run, so the machine's drift hits them alike) decodes from that same
+state, greedily; a row per answer, appended as it comes, the same command
+later skipping the rows the file holds.
 
 The second measures, on the given target and the registry's draft, what a
 decode step costs: the target verifying m tokens in one batch (m = 1..9)
@@ -33,18 +34,21 @@ from pathlib import Path
 
 import numpy as np
 
-from pyspec_gguf import registry
+from pyspec_gguf import make_method, registry, speculate
 from pyspec_gguf.bench import standin
 from pyspec_gguf.bench.common import append_result
 from pyspec_gguf.bench.tasks import make_conversation
-from pyspec_gguf.engine import Model
+from pyspec_gguf.document import conversation, question_protect
+from pyspec_gguf.engine import Model, Sampling
+from pyspec_gguf.pipeline import Analysis
 from pyspec_gguf.session import SpecSession
 
 QUESTIONS = [
-    "List every special magic number mentioned in the provided text, each with the name it is for.",
-    "Summarize the text in detail, one paragraph for each essay it draws from.",
-    "Quote the first two paragraphs of the text word for word.",
-    "What does the author say about startups, investors and hiring? Answer at length, quoting the text.",
+    "Quote the first three paragraphs of the text word for word.",
+    "Summarize the text in detail, in at least ten sentences.",
+    "List every special magic number in the text with the name it is for, then say in a few sentences what "
+    "the text around each one discusses.",
+    "Explain at length what the author says about startups, investors and hiring, quoting the text.",
 ]
 MODES = ["off", "lookup", "draft", "auto"]
 
@@ -56,34 +60,73 @@ def _rows(path: Path) -> list:
 
 
 def answers(args) -> None:
+    """Per question: the prompt's passes and SpecPC's selection once, then
+    every mode decodes from that same state, run after run."""
     out = Path(args.out)
     key = {"kind": "answer", "tokens": args.tokens, "budget": args.budget, "max_tokens": args.max_tokens,
            "method": args.method}
     done = {(r["run"], r["question"], r["mode"]) for r in _rows(out)
             if all(r.get(k) == v for k, v in key.items())}
     modes = args.modes.split(",")
-    todo = [(run, q, mode) for run in range(args.runs) for q in range(len(QUESTIONS)) for mode in modes
-            if (run, q, mode) not in done]
-    if not todo:
-        return
     with SpecSession(draft=args.draft, target=args.target, n_threads=args.threads, progress=False) as session:
         text, _ = make_conversation(session.target, args.tokens, 4, args.seed)
-        doc = session.document(text, cache=False)
-        for run, q, mode in todo:
-            doc.forget()
-            r = doc.ask(QUESTIONS[q], method=args.method, budget=args.budget, max_tokens=args.max_tokens,
-                        speculative=mode)
-            s = r.stats
-            row = {**key, "run": run, "question": q, "mode": mode, "speculative": s.speculative,
-                   "prompt_tokens": s.prompt_tokens, "ttft_s": s.ttft_s, "decode_s": s.times["decode"],
-                   "generated_tokens": s.generated_tokens, "decode_tok_s": s.decode_tok_s,
-                   "drafted": s.drafted, "accepted": s.accepted, "verify_steps": s.verify_steps,
-                   "draft_decodes": s.draft_decodes, "draft_kv_bytes": s.draft_kv_bytes,
-                   "answer_sha": hashlib.sha256(np.asarray(r.tokens, np.int32).tobytes()).hexdigest()[:16],
-                   "answer": r.text}
+        method = make_method(args.method)
+        for q, question in enumerate(QUESTIONS):
+            todo = [(run, mode) for run in range(args.runs) for mode in modes if (run, q, mode) not in done]
+            if todo:
+                decode_from_one_state(session, method, text, q, todo, key, args, out)
+
+
+def decode_from_one_state(session, method, text: str, q: int, todo: list, key: dict, args, out: Path) -> None:
+    question = QUESTIONS[q]
+    tokens, protected = session.prompt_positions(conversation(text, [], question),
+                                                  question_protect(session.target, question))
+    analysis = Analysis(session, tokens, protected, args.max_tokens, [method],
+                        draft_room=args.max_tokens + speculate.K_MAX + 1)
+    try:
+        prepared = analysis.prepare(method, args.budget)
+        ctx, seq = prepared.answer.context, prepared.answer.seq
+        last = ctx.next_pos(seq) - 1  # the last prompt token: decoded again before each answer
+        last_token = np.array([tokens[-1]], np.int32)
+        draft_ctx = analysis.draft_context()
+        cost = speculate.step_cost(session.draft, session.target)
+        plain = {}
+        for run, mode in todo:
+            ctx.seq_rm(seq, last, -1)
+            ctx.decode(last_token, last, seq, "last")
+            counts = speculate.SpecCounts()
+            drafter = speculate.make_drafter(mode, tokens, draft_ctx if mode != "lookup" else None, counts, cost)
+            t0 = time.perf_counter()
+            if drafter is None:
+                answer = list(ctx.generate(args.max_tokens, Sampling(), seq=seq))
+            else:
+                answer = list(speculate.generate(ctx, seq, drafter, args.max_tokens, Sampling(),
+                                                 session.target.is_eog, counts))
+            seconds = time.perf_counter() - t0
+            if mode == "off":
+                plain[run] = answer
+            row = {**key, "run": run, "question": q, "mode": mode, "prompt_tokens": len(tokens),
+                   "kept_tokens": prepared.cells, "decode_s": seconds, "generated_tokens": len(answer),
+                   "decode_tok_s": len(answer) / seconds, "drafted": counts.drafted, "accepted": counts.accepted,
+                   "verify_steps": counts.steps, "draft_decodes": counts.draft_decodes,
+                   "answer_sha": hashlib.sha256(np.asarray(answer, np.int32).tobytes()).hexdigest()[:16],
+                   "first_difference": _first_difference(answer, plain.get(run)),
+                   "answer": session.target.detokenize(answer)}
             append_result(out, row)
-            print(f"run {run} q{q} {mode:>6}: {s.generated_tokens} tok, {s.decode_tok_s:.2f} tok/s, "
-                  f"{s.accepted}/{s.drafted} accepted", file=sys.stderr, flush=True)
+            print(f"q{q} run {run} {mode:>6}: {len(answer)} tok, {row['decode_tok_s']:.2f} tok/s, "
+                  f"{counts.accepted}/{counts.drafted} accepted", file=sys.stderr, flush=True)
+    finally:
+        analysis.close()
+
+
+def _first_difference(answer: list, plain) -> object:
+    """Where an answer first parts from plain decoding's (None: never;
+    "n/a": no plain answer to compare in this sitting)."""
+    if plain is None:
+        return "n/a"
+    if answer == plain:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(answer, plain)) if a != b), min(len(answer), len(plain)))
 
 
 def summary(rows: list) -> str:

@@ -133,7 +133,7 @@ def test_a_request_may_speculate(client, model_id, session, prose, stream):
     text, stats, _, _ = chat(client, model_id, messages, stream, method="specpc", budget=BUDGET, speculative="auto")
     expected = session.generate(messages, method="specpc", budget=BUDGET, max_tokens=MAX_TOKENS)
     assert text == expected.text  # greedy: the same answer, drafted
-    assert stats["speculative"] == "lookup+draft" and 0 < stats["accepted"] <= stats["drafted"]
+    assert stats["speculative"] == "auto" and stats["accepted"] <= stats["drafted"]
     assert stats["draft_kv_bytes"] > 0
 
 

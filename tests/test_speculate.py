@@ -7,19 +7,46 @@ import pytest
 
 from pyspec_gguf import SpecSession, speculate
 from pyspec_gguf.engine import Sampling
-from pyspec_gguf.speculate import PromptLookup, Verifier, target_probs
+from pyspec_gguf.speculate import Planner, PromptLookup, Verifier, target_probs
 
 
 def test_lookup_proposes_what_followed_the_latest_longest_match():
     #                 0  1  2  3  4  5  6  7  8  9
     lookup = PromptLookup(np.array([5, 6, 7, 8, 9, 5, 6, 1, 2, 3]), max_ngram=3, min_ngram=1)
-    assert lookup.propose([5, 6], 3) == [1, 2, 3]   # "5 6" last seen at 5, then 1 2 3
-    assert lookup.propose([7], 2) == [8, 9]         # "5 6 7", the longest match
-    assert lookup.propose([42], 4) == []            # nothing ever followed 42
+    lookup.append([5, 6])
+    assert lookup.match(3) == [1, 2, 3]   # "5 6" last seen at 5, then 1 2 3
+    lookup.append([7])
+    assert lookup.match(2) == [8, 9]      # "5 6 7", the longest match
+    lookup.append([42])
+    assert lookup.match(4) == []          # nothing ever followed 42
     long = PromptLookup(np.arange(3000) % 1000, max_ngram=2, min_ngram=2)
-    assert long.propose([0, 1], 3) == [2, 3, 4]
+    assert long.propose([0, 1], 3) == [2, 3]  # k starts at 2, the room allowing
+    long.feedback(2, 2, 3, 0.1)               # both accepted: k grows
+    assert long.propose([2, 3], 1) == [4]     # but never past the room
     # the answer grows past the prompt's buffer; "98 99" was last seen in the answer itself
-    assert long.propose([i % 1000 for i in range(2, 1100)], 2) == [100, 101]
+    assert long.propose([i % 1000 for i in range(4, 1100)], 8) == [100, 101, 102]
+
+
+def test_the_planner_speculates_only_where_it_pays():
+    planner = Planner(draft_cost=0.4)
+    assert planner.choose({"lookup": 4, "draft": 8}) == (None, 0)  # a plain step first, to time one
+    planner.batch(1, 0.10)
+    planner.batch(4, 0.13)  # a batch of 4 costs 1.3 steps: 0.1 step per added token
+    assert planner.extra == pytest.approx(0.7 * 0.25 + 0.3 * 0.1)
+    for _ in range(20):  # the lookup is right 9 times in 10, the draft once in 10
+        planner.sources["lookup"].accepted(10, 9)
+        planner.sources["draft"].accepted(10, 1)
+    source, k = planner.choose({"lookup": 6, "draft": 8})
+    assert source == "lookup" and k > 1
+    source, k = planner.choose({"lookup": 0, "draft": 8})
+    assert source is None  # at 0.4 steps a token, a draft right once in 10 does not pay
+    for _ in range(20):  # a draft 20 times cheaper than the target
+        planner.drafted("draft", 3, 1, catch_up_s=0.005, propose_s=0.01)
+        planner.sources["draft"].accepted(4, 3)
+    assert planner.sources["draft"].cost == pytest.approx(0.05, rel=0.05)
+    assert planner.choose({"lookup": 0, "draft": 8})[0] == "draft"
+    planner.sources["draft"].unseen = 60  # but not where it must first read 60 tokens it has not seen
+    assert planner.choose({"lookup": 0, "draft": 8})[0] is None
 
 
 def reference_probs(logits, temperature, top_p):
@@ -47,18 +74,22 @@ def test_target_probs_are_the_samplers(temperature, top_p):
 
 
 def test_accept_reject_leaves_the_targets_distribution():
-    """Whatever the proposal, the token emitted is distributed as p."""
+    """Whatever the proposal, the token emitted is distributed as p; the
+    proposal is accepted with probability p(proposal)."""
     logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
     p = target_probs(logits, Sampling(1.0))
     n = 40_000
     for proposal in (0, 3):  # a likely and an unlikely proposal
         verify = Verifier(Sampling(temperature=1.0, seed=11))
-        emitted = [verify.accepts(logits, proposal)[1] for _ in range(n)]
-        freq = np.bincount(emitted, minlength=len(p)) / n
+        outcomes = [verify.accepts(logits, proposal, position) for position in range(n)]
+        freq = np.bincount([token for _, token in outcomes], minlength=len(p)) / n
         # 5 standard errors of each frequency
         assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n)), (proposal, freq, p)
-    always = Verifier(Sampling(temperature=1.0))
-    assert always.accepts(np.array([0.0, -1e9]), 0) == (True, 0)  # all mass on the proposal
+        accepted = np.mean([ok for ok, _ in outcomes])
+        assert abs(accepted - p[proposal]) < 5 * np.sqrt(p[proposal] * (1 - p[proposal]) / n)
+    # a position's draw is its own: the same whether proposed for or not
+    verify = Verifier(Sampling(temperature=1.0, seed=11))
+    assert all(verify.accepts(logits, 2, i)[1] == verify.draw(logits, i) for i in range(100))
 
 
 def test_a_bad_mode_is_refused(small_pair):
@@ -101,20 +132,16 @@ def near_tie(pair, document_prompt):
 
 class RowRecorder:
     """The target's logits row behind each token the speculative path
-    emits: each accept/reject or draw emits exactly one, in order."""
+    emits: every token, accepted proposal or not, is a `Verifier.draw`."""
 
     def __init__(self, monkeypatch):
         self.rows = []
-        accepts, draw = Verifier.accepts, Verifier.draw
+        draw = Verifier.draw
 
-        def recorded_accepts(verifier, logits, proposal):
+        def recorded_draw(verifier, logits, position):
+            assert position == len(self.rows)
             self.rows.append(np.array(logits))
-            return accepts(verifier, logits, proposal)
-
-        def recorded_draw(verifier, logits):
-            self.rows.append(np.array(logits))
-            return draw(verifier, logits)
-        monkeypatch.setattr(Verifier, "accepts", recorded_accepts)
+            return draw(verifier, logits, position)
         monkeypatch.setattr(Verifier, "draw", recorded_draw)
 
 
@@ -142,9 +169,9 @@ def test_greedy_answers_are_the_same_with_speculation(pair, document_prompt, met
     fast = pair.generate(document_prompt, method=method, budget=128, max_tokens=40, speculative=mode)
     assert_same_or_near_tie(fast.tokens, plain.tokens, recorder.rows, near_tie)
     st = fast.stats
-    assert st.speculative == {"auto": "lookup" if method == "full" else "lookup+draft"}.get(mode, mode)
-    assert 0 < st.accepted <= st.drafted  # it drafted, and the target kept some
-    assert (st.draft_kv_bytes > 0) == ("draft" in st.speculative)
+    assert st.speculative == mode
+    assert st.accepted <= st.drafted and (st.accepted > 0 or mode == "auto")  # auto may find no step worth it
+    assert (st.draft_kv_bytes > 0) == (mode == "draft" or (mode == "auto" and method != "full"))
     assert f"{st.accepted}/{st.drafted} drafted tokens accepted" in st.line()
     assert plain.stats.speculative == "off" and plain.stats.drafted == 0
 
@@ -152,8 +179,9 @@ def test_greedy_answers_are_the_same_with_speculation(pair, document_prompt, met
 def test_the_draft_drafts_from_a_documents_cache_question_after_question(pair, prose, monkeypatch, near_tie):
     doc = pair.document(prose, cache=False)
     plain = pair.document(prose, cache=False)
+    recorder = RowRecorder(monkeypatch)
     for question in ("What did the miller's daughter write?", "What stopped the wheel?"):
-        recorder = RowRecorder(monkeypatch)
+        recorder.rows.clear()
         fast = doc.ask(question, method="specpc", budget=128, max_tokens=24, speculative="draft")
         slow = plain.ask(question, method="specpc", budget=128, max_tokens=24)
         assert_same_or_near_tie(fast.tokens, slow.tokens, recorder.rows, near_tie)
@@ -188,5 +216,5 @@ def test_the_draft_mode_needs_a_draft_that_does_not_answer(small_path, pair, doc
             alone.generate("Hello there", method="full", speculative="draft")
     with pytest.raises(ValueError, match="needs a draft model"):
         pair.generate(document_prompt, method="draft", speculative="draft")
-    assert pair.generate(document_prompt, method="draft", max_tokens=8, speculative="auto").stats.speculative \
-        == "lookup"
+    alone_drafts = pair.generate(document_prompt, method="draft", max_tokens=8, speculative="auto").stats
+    assert alone_drafts.speculative == "auto" and alone_drafts.draft_kv_bytes == 0  # the lookup only
