@@ -15,9 +15,10 @@ later skipping the rows the file holds.
 The second measures, on the given target and the registry's draft, what a
 decode step costs: the target verifying m tokens in one batch (m = 1..9)
 on 1,024 kept tokens, and the draft proposing one token after the whole
-prompt. `--project` then combines them with the counts the first measured
-on the pair (verify batches, drafted and accepted tokens, draft decodes) into
-a projected decode speedup — a projection, labelled as one.
+prompt. Every run then prints, for each target measured, the decode
+speedup projected from those costs and the counts the first measured on the
+pair (verify batches, drafted and accepted tokens, draft decodes) — a
+projection, labelled as one.
 
 Reproduces bench/README.md, "Answers faster: speculative decoding".
 """
