@@ -130,11 +130,12 @@ def test_chat_equals_generate(client, model_id, session, prose, method, stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_may_speculate(client, model_id, session, prose, stream):
     messages = ask(prose, "Tell the story of the fox, word for word.")
-    text, stats, _, _ = chat(client, model_id, messages, stream, method="specpc", budget=BUDGET, speculative="auto")
-    expected = session.generate(messages, method="specpc", budget=BUDGET, max_tokens=MAX_TOKENS)
-    assert text == expected.text  # greedy: the same answer, drafted
-    assert stats["speculative"] == "auto" and stats["accepted"] <= stats["drafted"]
-    assert stats["draft_kv_bytes"] > 0
+    text, stats, _, _ = chat(client, model_id, messages, stream, method="specpc", budget=BUDGET, speculative="draft")
+    # the draft's proposals and batches depend on nothing but the tokens: the same answer as generate's
+    expected = session.generate(messages, method="specpc", budget=BUDGET, max_tokens=MAX_TOKENS, speculative="draft")
+    assert text == expected.text
+    assert stats["speculative"] == "draft" and 0 < stats["drafted"] and stats["accepted"] <= stats["drafted"]
+    assert stats["drafted"] == expected.stats.drafted and stats["draft_kv_bytes"] > 0
 
 
 def test_completions_equal_generate(client, model_id, session, prose):
@@ -259,7 +260,7 @@ def test_cancel_mid_stream_frees_the_worker(client, server, model_id, prose):
 
 def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(server, model_id):
     """The client gives up after a second, in the prefill of a long prompt:
-    the worker is free again within about a second, the answer not run."""
+    the worker is free again within a prefill chunk, the answer not run."""
     before = health(server)
     body = json.dumps({"messages": [{"role": "user", "content": "Tell a long story about the mill. " * 700}],
                        "max_tokens": 2000, "temperature": 1.0, "method": "full"}).encode()
@@ -268,7 +269,9 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(server, mode
         urllib.request.urlopen(req, timeout=1.0)
     left = time.time()
     now = wait_until_cancelled(server, before)
-    assert time.time() - left < 3.0, f"cancelled {time.time() - left:.1f} s after the client left"
+    # checked at each 512-token chunk of the prefill: 1-4 s of SmolLM2 on a 2-core CPU, loaded or not; the
+    # whole prefill would take ten times as long
+    assert time.time() - left < 5.0, f"cancelled {time.time() - left:.1f} s after the client left"
     assert now["served"] == before["served"]
 
 
