@@ -35,6 +35,7 @@ class Compressed:
     compressed_tokens: int      # tokens of the compressed prompt, as the target tokenizes it
     method: str
     times: dict = field(default_factory=dict)
+    draft_cached: int = 0       # prompt tokens the draft found in its prefix cache (not read again)
 
     @property
     def messages(self) -> list:
@@ -85,6 +86,8 @@ def compress(session, prompt, call, marker: str, progress=None, caches=None) -> 
         analysis.close()
     compressed = from_kept(session, prompt, call.tokens, kept, marker, method.name)
     compressed.times = {k: v for k, v in clock.times.items() if v}
+    if caches is not None and caches.draft is not None and analysis.used_draft_cache:
+        compressed.draft_cached = caches.draft.reused
     return compressed
 
 

@@ -15,6 +15,14 @@ from typing import Optional
 
 import numpy as np
 
+from ._log import logger as log
+
+# a saved state is loaded where it holds this many more of a prompt's tokens
+# than the cache does, and written where the cache holds this many more
+# than the saved states do: reading or writing a state costs far less than
+# prefilling its tokens, but not nothing
+STATE_MIN_GAIN = 256
+
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest common prefix of two token arrays."""
@@ -136,27 +144,37 @@ class PrefixPool:
     at least half of what the cache holds; otherwise a new cache while there
     are fewer than `slots`, else the least recently used free one. A taken
     cache is the taker's until `give_back`; with every cache taken, `take`
-    returns None (the prompt runs uncached)."""
+    returns None (the prompt runs uncached).
 
-    def __init__(self, model, options: dict, slots: int, n_seq: int = 2):
+    With a `store` (`store.StateStore`) the caches outlive the process: a
+    taken cache is loaded from the saved state that holds more of the
+    prompt, and `give_back` saves what a cache read since."""
+
+    def __init__(self, model, options: dict, slots: int, n_seq: int = 2, store=None):
         if slots < 1:
             raise ValueError(f"a prefix pool needs at least one slot, not {slots}")
         self.model, self.options, self.slots, self.n_seq = model, options, slots, n_seq
+        self.store = store
         self._caches: list[PrefixCache] = []  # least recently used first
         self._taken: set = set()
-        self._lock = threading.Lock()
+        self._saving: set = set()  # taken, until their state is saved
+        self._lock = threading.Condition()
 
     def cached_tokens(self, tokens: np.ndarray) -> int:
-        """Prompt tokens a `take` of `tokens` would find cached now."""
+        """Prompt tokens a `take` of `tokens` would find cached now (in a
+        cache, or in a saved state it would load)."""
         with self._lock:
-            return self._best(tokens)[1]
+            cached = self._best(tokens)[1]
+        saved = self.store.find(tokens)[0] if self.store is not None else 0
+        return saved if saved >= cached + STATE_MIN_GAIN else cached
 
     def _best(self, tokens: np.ndarray) -> tuple:
-        """(the free cache holding the longest common prefix, provided it
-        keeps at least half of what the cache holds, or None; that prefix)."""
+        """(the free cache, or one being saved, holding the longest common
+        prefix, provided it keeps at least half of what the cache holds, or
+        None; that prefix)."""
         best, shared = None, 0
         for cache in self._caches:
-            if id(cache) not in self._taken:
+            if id(cache) not in self._taken or id(cache) in self._saving:
                 n = common_prefix(cache.tokens, tokens)
                 if n > shared and 2 * n >= len(cache.tokens):
                     best, shared = cache, n
@@ -164,8 +182,11 @@ class PrefixPool:
 
     def take(self, tokens: np.ndarray) -> Optional[PrefixCache]:
         with self._lock:
-            free = [c for c in self._caches if id(c) not in self._taken]
             best = self._best(tokens)[0]
+            while best is not None and id(best) in self._saving:  # the next turn waits for the save, not a re-read
+                self._lock.wait()
+                best = self._best(tokens)[0]
+            free = [c for c in self._caches if id(c) not in self._taken]
             if best is None:
                 if len(self._caches) < self.slots:
                     best = PrefixCache(self.model, self.options, self.n_seq)
@@ -177,12 +198,46 @@ class PrefixPool:
                 self._caches.remove(best)
             self._caches.append(best)
             self._taken.add(id(best))
-            return best
+        if self.store is not None:  # the taker's now: loaded outside the lock
+            self._restore(best, tokens)
+        return best
 
     def give_back(self, cache: Optional[PrefixCache]) -> None:
-        if cache is not None:
+        if cache is None:
+            return
+        try:
+            if self.store is not None:
+                with self._lock:
+                    self._saving.add(id(cache))
+                self._persist(cache)
+        finally:
             with self._lock:
+                self._saving.discard(id(cache))
                 self._taken.discard(id(cache))
+                self._lock.notify_all()
+
+    def _restore(self, cache: PrefixCache, tokens: np.ndarray) -> None:
+        """Load the saved state that holds more of `tokens` than `cache`."""
+        n, path, saved = self.store.find(tokens)
+        if n < common_prefix(cache.tokens, tokens) + STATE_MIN_GAIN:
+            return
+        blob = self.store.load(path, saved)
+        if blob is None:
+            return
+        try:
+            cache.load(saved, blob, len(tokens))
+        except (ValueError, RuntimeError) as e:  # the cache is empty again: the prompt is read cold
+            log.warning("a saved draft state could not be loaded (%s): %s", path, e)
+
+    def _persist(self, cache: PrefixCache) -> None:
+        """Save what `cache` holds where the saved states lack enough of it."""
+        n = len(cache.tokens)
+        if n < STATE_MIN_GAIN or n - self.store.find(cache.tokens)[0] < STATE_MIN_GAIN:
+            return
+        try:
+            self.store.save(cache.tokens, cache.state(n))
+        except (OSError, ValueError, RuntimeError) as e:
+            log.warning("the draft's state was not saved: %s", e)
 
     @property
     def kv_bytes(self) -> int:

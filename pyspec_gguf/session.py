@@ -161,7 +161,9 @@ class SpecSession:
                 if draft_quant or draft_layers:
                     draft = str(derived_draft(registry.resolve(draft, progress), draft_quant, draft_layers,
                                               n_threads))
-                self.draft = Model(draft, n_gpu_layers=n_gpu_layers, progress=progress)
+                # one file as both models is loaded once (e.g. the draft alone, in front of an upstream engine)
+                self.draft = (self.target if draft == target else
+                              Model(draft, n_gpu_layers=n_gpu_layers, progress=progress))
                 if self.draft.vocab_fingerprint() != self.target.vocab_fingerprint():
                     raise ValueError(f"the draft ({self.draft.path}) and target ({self.target.path}) tokenizers "
                                      "differ: the draft's token positions would not match the target's")
@@ -170,9 +172,8 @@ class SpecSession:
             raise
 
     def close(self) -> None:
-        for model in (self.draft, self.target):
-            if model is not None:
-                model.close()
+        for model in {id(m): m for m in (self.draft, self.target) if m is not None}.values():
+            model.close()
 
     def __enter__(self) -> "SpecSession":
         return self
@@ -513,12 +514,13 @@ class Stream:
         return mode == "draft" or (mode == "auto" and draft and self._method.uses_draft)
 
     def _drafter(self, analysis: Analysis, counts: speculate.SpecCounts):
-        """What drafts the answer (None: nothing)."""
+        """What drafts the answer (None: nothing); the draft model's context
+        only where `_speculation` said it drafts."""
         if self._speculative == "off":
             return None
-        session = self._session
         if not self._drafting:
             return speculate.make_drafter(self._speculative, self._tokens, counts=counts)
+        session = self._session
         return speculate.make_drafter(self._speculative, self._tokens, analysis.draft_context(), counts,
                                       speculate.step_cost(session.draft, session.target))
 

@@ -1,6 +1,7 @@
 """Shared fixtures. Models come from the registry into the one cache
 directory (PYSPEC_GGUF_CACHE or ~/.cache/pyspec-gguf), fetched once."""
 
+import contextlib
 import os
 
 import pytest
@@ -9,8 +10,24 @@ import pyspec_gguf
 from pyspec_gguf import SpecSession
 from pyspec_gguf import registry
 from pyspec_gguf.speed import BOOK_ENV
+from pyspec_gguf.store import STATES_ENV
 
 SMALL = "smollm2-135m-instruct-q4_1"
+
+
+@contextlib.contextmanager
+def environ(name: str, value: str):
+    """The environment variable `name` set to `value` (for this process and
+    the ones it starts) until the block ends."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,13 +35,18 @@ def speeds_file(tmp_path_factory):
     """The models' measured speeds (method="auto") in a file of the test
     run's own, shared by its tests, never the user's cache."""
     path = tmp_path_factory.mktemp("speeds") / "speeds.json"
-    old = os.environ.get(BOOK_ENV)
-    os.environ[BOOK_ENV] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop(BOOK_ENV, None)
-    else:
-        os.environ[BOOK_ENV] = old
+    with environ(BOOK_ENV, str(path)):
+        yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def states_folder(tmp_path_factory):
+    """Saved draft states (documents, servers) in a folder of the test run's
+    own, never the user's cache: a server started by one test must not find
+    the states another test's server saved."""
+    path = tmp_path_factory.mktemp("states")
+    with environ(STATES_ENV, str(path)):
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pyspec_gguf import SpecSession
 from pyspec_gguf.cli import chat
 from pyspec_gguf.cli.main import build_parser
 from pyspec_gguf.sources import read_html, read_source
-from pyspec_gguf.store import FORMAT, StateFileError, read_state, tokens_sha256, write_state
+from pyspec_gguf.store import FORMAT, STATES_ENV, StateFileError, read_state, tokens_sha256, write_state
 
 NEEDLE = "The secret code for the vault is 4471."
 QUESTION = "What is the secret code for the vault?"
@@ -44,6 +44,7 @@ def session(small_path):
 def docs_dir(tmp_path, monkeypatch):
     """Saved states go to a scratch cache directory (the models stay where they are)."""
     monkeypatch.setattr("pyspec_gguf.store.cache_dir", lambda: tmp_path)
+    monkeypatch.delenv(STATES_ENV)  # the cache folder's documents/, as a user's
     return tmp_path / "documents"
 
 
@@ -292,7 +293,8 @@ def test_chat_command_end_to_end(small_path, text, tmp_path):
     (tmp_path / "notes.txt").write_text(text)
     lines = [QUESTION, "/budget 0", "/budget 300", "/method nope", "/method speckv", "/option window=8",
              "/option nope=1", "Who kept the ledger?", "/kept", "/save", "/reset", "/help", "/what"]
-    env = {**os.environ, "PYSPEC_GGUF_CACHE": str(tmp_path / "cache")}  # the models are given by path
+    env = {k: v for k, v in os.environ.items() if k != STATES_ENV}  # the states go where a user's go
+    env["PYSPEC_GGUF_CACHE"] = str(tmp_path / "cache")  # the models are given by path
     done = subprocess.run([sys.executable, "-m", "pyspec_gguf", "chat", "--doc", str(tmp_path / "notes.txt"),
                            "--draft", str(small_path), "--target", str(small_path), "--max-tokens", "12"],
                           input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=900, env=env,

@@ -45,6 +45,9 @@ NOT_RUN = {
     "pyspec-gguf serve --budget 0.25":
         "serves until stopped; test_python_block starts it (on a free port) for the client example, "
         "tests/test_server.py drives it on SmolLM2",
+    "pyspec-gguf serve --upstream http://127.0.0.1:8080/v1 --budget 2048":
+        "needs an engine on port 8080; tests/test_upstream.py puts the same command in front of "
+        "llama-cpp-python's server on SmolLM2",
 }
 
 DOC = ("The committee met on a grey Tuesday. After a long debate about the roof, the bridge and the school, "

@@ -6,6 +6,11 @@ job to the worker pool (503 with Retry-After when the queue is full), waits
 for the job to be checked by its worker (its errors are still a 4xx), then
 answers at once or streams server-sent events. A client that goes away
 cancels its job.
+
+In front of an upstream engine (`upstream`), the worker's job is the
+prompt the upstream gets (compressed, or unchanged where short); the
+answer is the upstream's, passed through as it comes, with `pyspec` added.
+A client that goes away closes its upstream request.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from starlette.exceptions import HTTPException
 from ..session import Cancelled
 from . import jobs, protocol
 from .protocol import RequestError, error_from
+from .upstream import Upstream
 from .workers import Job, QueueFull, WorkerPool
 
 RETRY_AFTER_S = 5
@@ -34,13 +40,17 @@ RETRY_AFTER_S = 5
 SHUTDOWN_GRACE_S = 2
 
 
-def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Optional[str] = None) -> FastAPI:
+def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Optional[str] = None,
+               upstream: Optional[Upstream] = None) -> FastAPI:
     """The server's app over a started worker pool; the pool is closed when
-    the app shuts down."""
+    the app shuts down. With `upstream`, answers come from that engine
+    (the pool's session only compresses) and `model_id` is only a name."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         pool.close(timeout=5)
+        if upstream is not None:
+            await upstream.close()
 
     async def check_key(request: HttpRequest):
         # a dependency, not an HTTP middleware: Starlette's middleware wraps
@@ -66,21 +76,33 @@ def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Op
     async def health():
         c = pool.counts
         return {"status": "ok", "workers": len(pool.workers), "running": c.running, "waiting": pool.waiting,
-                "served": c.served, "failed": c.failed, "cancelled": c.cancelled, "rejected": c.rejected}
+                "served": c.served, "failed": c.failed, "cancelled": c.cancelled, "rejected": c.rejected,
+                **({"upstream": upstream.url} if upstream is not None else {})}
 
     @app.get("/v1/models")
     async def models():
+        if upstream is not None:
+            return await upstream.get("/models")
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(time.time()),
                                             "owned_by": "pyspec-gguf"}]}
 
+    # the model a request names is the upstream's to check
+    own_model = model_id if upstream is None else None
+
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
-        req = protocol.chat_request(await _body(request), model_id)
+        body = await _body(request)
+        req = protocol.chat_request(body, own_model)
+        if upstream is not None:
+            return await _forward(request, body, req, "/chat/completions")
         return await _generate(request, req, protocol.chat_response)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        req = protocol.completion_request(await _body(request), model_id)
+        body = await _body(request)
+        req = protocol.completion_request(body, own_model)
+        if upstream is not None:
+            return await _forward(request, body, req, "/completions")
         return await _generate(request, req, protocol.completion_response)
 
     @app.post("/v1/compress")
@@ -128,6 +150,41 @@ def create_app(pool: WorkerPool, policy: jobs.Policy, model_id: str, api_key: Op
         finally:
             job.cancel()  # a no-op once done; else the client went away
 
+    async def _forward(request: HttpRequest, body: dict, req: protocol.Request, path: str):
+        job = _submit(jobs.forward(req, policy))
+        _, forwarded = await _wait(request, job)
+        figures = {**forwarded.figures, "queued_s": job.queued_s}
+        sent = upstream.body(body, forwarded.prompt)
+        if req.stream:
+            response = await _unless_gone(request, upstream.open_stream(path, sent))
+            shutdown = anyio.Event()
+            return EventSourceResponse(_relay(response, figures, shutdown), ping=10, shutdown_event=shutdown,
+                                       shutdown_grace_period=SHUTDOWN_GRACE_S)
+        answer = await _unless_gone(request, upstream.post(path, sent))
+        answer["pyspec"] = figures
+        return answer
+
+    async def _relay(response, figures: dict, shutdown: anyio.Event):
+        """The upstream's stream, chunk by chunk, `pyspec` on the chunk
+        that finishes the answer; closing it (the client went away, the
+        server stops) closes the upstream request."""
+        told = False
+        try:
+            async for chunk in upstream.events(response):
+                if shutdown.is_set():
+                    yield _sse(RequestError("the server is shutting down; the answer was cut short", status=503,
+                                            code="server_shutdown", kind="server_error").body())
+                    return
+                if not told and any(isinstance(c, dict) and c.get("finish_reason")
+                                    for c in chunk.get("choices") or []):
+                    chunk["pyspec"], told = figures, True
+                yield _sse(chunk)
+            yield {"data": "[DONE]"}
+        except RequestError as e:  # failed after the stream began: an error event ends it
+            yield _sse(e.body())
+        finally:
+            await response.aclose()
+
     def _submit(work) -> Job:
         try:
             return pool.submit(Job(work, asyncio.get_running_loop()))
@@ -174,6 +231,24 @@ async def _wait(request: HttpRequest, job: Job, until=("done",)) -> tuple:
             raise error_from(value)
         if kind in until:
             return kind, value
+
+
+async def _unless_gone(request: HttpRequest, awaitable):
+    """The awaitable's result, cancelled (and so its upstream request
+    closed) if the client goes away first."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise RequestError("the client went away", status=499)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def _sse(payload: dict) -> dict:

@@ -9,7 +9,8 @@ from typing import Optional, Union
 
 from .. import speculate
 from ..methods import make_method
-from ..session import Cancelled
+from ..document import question_protect
+from ..session import Cancelled, resolve_budget
 from .protocol import Request
 
 
@@ -74,23 +75,68 @@ def compress(req: Request, policy: Policy):
     """The job compressing a prompt: one "done" event with the Compressed."""
 
     def work(worker, job) -> None:
-        default = make_method(policy.method, **policy.method_options)
-        if req.method is not None:
-            name, options = req.method, req.method_options
-        elif default.name == "auto":  # compressing is what is asked: auto's compressing way
-            name, options = "specpc", policy.method_options
-        elif default.prompt_stage is not None and default.kv_stage is None:
-            name, options = policy.method, policy.method_options
-        else:  # the default drops KV entries, which have no text
-            name, options = "specpc", {}
-        budget = policy.budget if req.budget is None else req.budget
-
-        def progress(done, total):
-            if job.cancelled.is_set():
-                raise Cancelled("the compression was cancelled")
-
-        compressed = worker.session.compress(req.prompt, budget, name, req.protect_last, req.marker, progress,
-                                             worker, **options)
-        job.post("done", compressed)
+        job.post("done", _compressed(worker, job, req, policy, req.protect_last))
 
     return work
+
+
+def forward(req: Request, policy: Policy):
+    """The job of the front of an upstream engine: one "done" event with
+    the prompt as the upstream gets it and the figures that say so
+    (`Forwarded`). A prompt is compressed where it reaches the policy's
+    `min_prompt_tokens` and exceeds the budget, else passed unchanged; the
+    last message's last paragraph (the question, as a rule) is always kept."""
+
+    def work(worker, job) -> None:
+        session = worker.session
+        n = len(session.tokenize(req.prompt))
+        budget = policy.budget if req.budget is None else req.budget
+        below = policy.min_prompt_tokens is not None and n < policy.min_prompt_tokens and req.method is None
+        if below or n <= resolve_budget(budget, n):
+            job.post("done", Forwarded(req.prompt, {"compressed": False, "prompt_tokens": n}))
+            return
+        # the question, within half the budget (a prompt without blank lines is one paragraph)
+        protect = req.protect_last or min(question_protect(session.target, last_paragraph(req.prompt)),
+                                          resolve_budget(budget, n) // 2)
+        compressed = _compressed(worker, job, req, policy, protect)
+        job.post("done", Forwarded(compressed.prompt, {
+            "compressed": True, "method": compressed.method, "prompt_tokens": compressed.prompt_tokens,
+            "kept_tokens": compressed.kept_tokens, "compressed_tokens": compressed.compressed_tokens,
+            "draft_cached": compressed.draft_cached, "times": dict(compressed.times)}))
+
+    return work
+
+
+@dataclass
+class Forwarded:
+    prompt: Union[str, list]  # messages or text, as the upstream gets them
+    figures: dict             # the response's `pyspec`: compressed or not, the token counts, the draft's time
+
+
+def last_paragraph(prompt: Union[str, list]) -> str:
+    """The text after the last blank line of the prompt's last message (or
+    of the text): where a question about a pasted document sits."""
+    text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+    return text.rstrip().rsplit("\n\n", 1)[-1]
+
+
+def _compressed(worker, job, req: Request, policy: Policy, protect_last: int):
+    """`req`'s prompt cut by its method (the policy's where it names none;
+    a method that keeps prompt tokens, specpc in place of auto or of one
+    that drops KV entries, which have no text)."""
+    default = make_method(policy.method, **policy.method_options)
+    if req.method is not None:
+        name, options = req.method, req.method_options
+    elif default.name == "auto":  # compressing is what is asked: auto's compressing way
+        name, options = "specpc", policy.method_options
+    elif default.prompt_stage is not None and default.kv_stage is None:
+        name, options = policy.method, policy.method_options
+    else:
+        name, options = "specpc", {}
+    budget = policy.budget if req.budget is None else req.budget
+
+    def progress(done, total):
+        if job.cancelled.is_set():
+            raise Cancelled("the compression was cancelled")
+
+    return worker.session.compress(req.prompt, budget, name, protect_last, req.marker, progress, worker, **options)

@@ -123,9 +123,11 @@ def _policy_fields(body: dict, req: Request) -> Request:
     return req
 
 
-def _model(body: dict, model_id: str) -> None:
+def _model(body: dict, model_id: Optional[str]) -> None:
+    """A request for another model than this server's is a 404 (model_id
+    None: any name goes, the upstream's to check)."""
     model = body.get("model")
-    if model is not None and model != model_id:
+    if model is not None and model_id is not None and model != model_id:
         raise RequestError(f"the model {model!r} does not exist; this server has {model_id!r}", status=404,
                            param="model", code="model_not_found")
 

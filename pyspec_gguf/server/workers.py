@@ -145,9 +145,11 @@ class WorkerPool:
     """`workers` threads over one loaded pair, fed by a queue of at most
     `queue_size` waiting jobs; the KV of the last `cache_slots` prompts of
     each model is kept for the requests that follow (0: none), shared by the
-    workers so that a conversation finds its prefix whichever answers it."""
+    workers so that a conversation finds its prefix whichever answers it;
+    with a `store` (`store.StateStore`) the draft's outlive the process."""
 
-    def __init__(self, session: SpecSession, workers: int = 1, queue_size: int = 32, cache_slots: int = 2):
+    def __init__(self, session: SpecSession, workers: int = 1, queue_size: int = 32, cache_slots: int = 2,
+                 store=None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, not {workers}")
         if queue_size < 1:
@@ -158,7 +160,7 @@ class WorkerPool:
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.counts = Counts()
         options = session.context_options
-        self.draft_cache = (PrefixPool(session.draft, options, cache_slots)
+        self.draft_cache = (PrefixPool(session.draft, options, cache_slots, store=store)
                             if cache_slots and session.draft is not None else None)
         self.target_cache = PrefixPool(session.target, options, cache_slots) if cache_slots else None
         self.workers = [Worker(self, i) for i in range(workers)]
