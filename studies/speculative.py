@@ -4,6 +4,7 @@ give a 7B target.
 
     python -P studies/speculative.py --tokens 8192 --runs 3
     python -P studies/speculative.py --cost --target standin:qwen2.5-7b
+    python -P studies/speculative.py --gaps
 
 The first asks questions whose answers run long about the benchmark's
 8K-token haystack of essays: per question the prompt's passes and SpecPC's
@@ -19,6 +20,11 @@ prompt. Every run then prints, for each target measured, the decode
 speedup projected from those costs and the counts the first measured on the
 pair (verify batches, drafted and accepted tokens, draft decodes) — a
 projection, labelled as one.
+
+The third decodes each question's plain answer again, one step at a time,
+and records every step's margin (the top logit minus the runner-up's): at
+each place where a speculated answer in the file parted from plain
+decoding's, how near a tie the plain step was, against all steps' margins.
 
 Reproduces bench/README.md, "Answers faster: speculative decoding".
 """
@@ -118,6 +124,80 @@ def decode_from_one_state(session, method, text: str, q: int, todo: list, key: d
                   f"{counts.accepted}/{counts.drafted} accepted", file=sys.stderr, flush=True)
     finally:
         analysis.close()
+
+
+def gaps(args) -> None:
+    """The plain step's logit margin where each speculated answer parted."""
+    out = Path(args.out)
+    key = {"kind": "answer", "tokens": args.tokens, "budget": args.budget, "max_tokens": args.max_tokens,
+           "method": args.method}
+    answered = [r for r in _rows(out) if all(r.get(k) == v for k, v in key.items())]
+    parted = [r for r in answered if isinstance(r["first_difference"], int)]
+    measured = {r["question"] for r in _rows(out) if r.get("kind") == "margins"
+                and all(r.get(k) == v for k, v in {**key, "kind": "margins"}.items())}
+    with SpecSession(draft=args.draft, target=args.target, n_threads=args.threads, progress=False) as session:
+        text, _ = make_conversation(session.target, args.tokens, 4, args.seed)
+        method = make_method(args.method)
+        for q in sorted({r["question"] for r in parted} - measured):
+            question = QUESTIONS[q]
+            tokens, protected = session.prompt_positions(conversation(text, [], question),
+                                                          question_protect(session.target, question))
+            analysis = Analysis(session, tokens, protected, args.max_tokens, [method])
+            try:
+                prepared = analysis.prepare(method, args.budget)
+                answer, margins = plain_margins(prepared.answer.context, prepared.answer.seq, int(tokens[-1]),
+                                                args.max_tokens, session.target.is_eog)
+            finally:
+                analysis.close()
+            plain_sha = hashlib.sha256(np.asarray(answer, np.int32).tobytes()).hexdigest()[:16]
+            plain = {r["answer_sha"] for r in answered if r["question"] == q and r["mode"] == "off"}
+            if plain != {plain_sha}:  # e.g. another thread count: the partings are of another answer
+                print(f"q{q}: the plain answer {plain_sha} is not the file's {sorted(plain)}; nothing recorded "
+                      "(run with the answers' --threads)", file=sys.stderr, flush=True)
+                continue
+            row = {**key, "kind": "margins", "question": q, "answer_sha": plain_sha, "margins": margins,
+                   "partings": [{"run": r["run"], "mode": r["mode"], "at": r["first_difference"],
+                                 "margin": margins[r["first_difference"]]
+                                 if r["first_difference"] < len(margins) else None}
+                                for r in parted if r["question"] == q]}
+            append_result(out, row)
+            print(f"q{q}: plain answer {plain_sha}, partings at margins "
+                  f"{[p['margin'] for p in row['partings']]}", file=sys.stderr, flush=True)
+
+
+def plain_margins(ctx, seq: int, last_token: int, max_tokens: int, is_eog) -> tuple:
+    """Greedy decoding one token per step from the prepared state (its last
+    prompt token decoded again, as every mode's answer starts), with each
+    step's top logit minus the runner-up's."""
+    pos = ctx.next_pos(seq) - 1
+    ctx.seq_rm(seq, pos, -1)
+    ctx.decode(np.array([last_token], np.int32), pos, seq, "last")
+    answer, margins = [], []
+    for _ in range(max_tokens):
+        logits = ctx.logits()
+        top2 = np.partition(logits, -2)[-2:]
+        token = int(np.argmax(logits))
+        margins.append(float(top2[1] - top2[0]))
+        if is_eog(token):
+            break
+        answer.append(token)
+        pos += 1
+        ctx.decode(np.array([token], np.int32), pos, seq, "last")
+    return answer, margins
+
+
+def margins_summary(rows: list) -> str:
+    """Per parting: the plain step's margin, and the share of all plain
+    steps with a margin at most that small."""
+    lines = ["| question | mode | run | parted at token | plain margin there | steps with a smaller or equal margin |",
+             "|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r.get("kind") == "margins"):
+        m = np.asarray(r["margins"])
+        for p in r["partings"]:
+            share = f"{np.mean(m <= p['margin']):.1%}" if p["margin"] is not None else "—"
+            margin = f"{p['margin']:.3f}" if p["margin"] is not None else "—"
+            lines.append(f"| {r['question']} | {p['mode']} | {p['run']} | {p['at']} | {margin} | {share} |")
+    return "\n".join(lines)
 
 
 def _first_difference(answer: list, plain) -> object:
@@ -245,15 +325,19 @@ def main(argv=None) -> int:
     p.add_argument("--target", default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--cost", action="store_true", help="measure the step costs of --target and the draft")
+    p.add_argument("--gaps", action="store_true", help="the plain step's logit margin where answers parted")
     p.add_argument("--out", default="bench/results/speculative.jsonl")
     args = p.parse_args(argv)
     if args.cost:
         cost(args)
+    elif args.gaps:
+        gaps(args)
     else:
         answers(args)
     rows = _rows(Path(args.out))
     print(summary(rows))
     print(project(rows))
+    print(margins_summary(rows))
     return 0
 
 
