@@ -20,23 +20,32 @@ def start_server(args: list, port: int = 0):
     source tree so that it runs the installed package; (process, base URL)
     once it answers."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "pyspec_gguf", *args, "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    # the first run may fetch the models
+    proc = launch([sys.executable, "-m", "pyspec_gguf", *args, "--port", str(port)], url + "/health", 600,
+                  "the server")
+    return proc, url
+
+
+def launch(cmd: list, ready_url: str, seconds: float, name: str) -> subprocess.Popen:
+    """`cmd` in its own process, run from the temporary folder; the process
+    once `ready_url` answers (an HTTP error counts: the server is up, and
+    asking for its key)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=tempfile.gettempdir())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600  # the first run may fetch the models
+    deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stdout.read()}")
+            raise RuntimeError(f"{name} exited: {proc.stdout.read()}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except urllib.error.HTTPError:  # up, and asking for its key
-            return proc, url
+            with urllib.request.urlopen(ready_url, timeout=2):
+                return proc
+        except urllib.error.HTTPError:
+            return proc
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("the server did not start in 600 s")
+    raise RuntimeError(f"{name} did not start in {seconds} s")
 
 
 def stop_server(proc) -> None:

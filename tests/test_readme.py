@@ -1,4 +1,4 @@
-"""Every example in README.md runs here, so the README cannot lie.
+"""Every example in README.md (and docs/architecture.md's) runs here, so the README cannot lie.
 
 Fenced ```python blocks run as scripts in a scratch directory holding the
 files they open. Each line of a ```bash block is either run, or, where CI
@@ -25,6 +25,8 @@ from pyspec_gguf.cli.main import build_parser
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", README, flags=re.S | re.M)
+# docs/architecture.md's Python example runs with the README's
+ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
 INSTALL = re.compile(r"^python3 -m venv \.venv && \. \.venv/bin/activate && (pip install [^&]+)(?:&& (.+))?$")
 
 # the lines CI does not run, and why; each is still checked by `check_not_run`
@@ -64,7 +66,8 @@ def bash_lines():
 
 
 def python_blocks():
-    return [body for lang, body in BLOCKS if lang == "python"]
+    docs = re.findall(r"^```python\n(.*?)^```", ARCHITECTURE, flags=re.S | re.M)
+    return [body for lang, body in BLOCKS if lang == "python"] + docs
 
 
 def split_install(line):

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
-from local_server import free_port, start_server, stop_server
+from local_server import free_port, launch, start_server, stop_server
 
 from pyspec_gguf import SpecSession
 from pyspec_gguf.document import conversation, question_protect
@@ -37,24 +37,12 @@ NEEDLE = "The secret code for the vault is 4471."
 def start_llama_cpp_server(model_path) -> tuple:
     """llama-cpp-python's OpenAI-compatible server on SmolLM2; (process, base URL)."""
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--port", str(port),
            "--host", "127.0.0.1", "--n_ctx", "2048", "--verbose", "false",
            # by default it cuts a streamed answer short when another request arrives
            "--interrupt_requests", "false"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tempfile.gettempdir())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("llama_cpp.server did not start in 120 s")
+    return launch(cmd, url + "/v1/models", 120, "llama_cpp.server"), url
 
 
 class Relay:
