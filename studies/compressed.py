@@ -22,8 +22,9 @@ import argparse
 from pathlib import Path
 
 from pyspec_gguf import registry
-from pyspec_gguf.bench.common import append_result, paired_interval, read_rows, script
-from pyspec_gguf.bench.tasks import TASKS, make_task
+from pyspec_gguf.bench.common import (add_prompt_set_args, append_result, paired_interval, read_rows, script,
+                                      seeds_of)
+from pyspec_gguf.bench.tasks import make_task
 from pyspec_gguf.compress import from_kept
 from pyspec_gguf.session import SpecSession
 
@@ -37,7 +38,7 @@ def _done(path: Path) -> set:
 def main(args) -> None:
     out = Path(args.out)
     models = {"draft": registry.default_model("draft"), "target": registry.default_model("target")}
-    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else range(args.samples)
+    seeds = seeds_of(args)
     with SpecSession(progress=False, n_threads=args.threads) as s:
         for seed in seeds:
             for name in args.tasks.split(","):
@@ -81,12 +82,7 @@ def summary(path: Path, tokens: int, budget: int) -> str:
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--samples", type=int, default=5)
-    p.add_argument("--seeds", help="comma-separated seeds instead of 0..samples-1")
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--budget", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=0)
+    add_prompt_set_args(p, 4096)
     p.add_argument("--out", default="bench/results/compressed.jsonl")
 
 

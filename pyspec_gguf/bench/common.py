@@ -107,6 +107,23 @@ def paired_interval(diffs: list[float]) -> tuple:
     return d, d - 1.96 * se, d + 1.96 * se
 
 
+def add_prompt_set_args(p: argparse.ArgumentParser, tokens: int) -> None:
+    """The options of a study over the benchmark's prompts: their length,
+    which seeds of which tasks, the budget and the threads."""
+    from .tasks import TASKS
+    p.add_argument("--tokens", type=int, default=tokens)
+    p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--seeds", help="comma-separated seeds instead of 0..samples-1")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=0)
+
+
+def seeds_of(args) -> list:
+    """The seeds `add_prompt_set_args`' options name."""
+    return [int(x) for x in args.seeds.split(",")] if args.seeds else list(range(args.samples))
+
+
 def script(doc: str, add_cli_args, main, summary) -> None:
     """A benchmark module run as a script: its options, then a run that
     appends to --out, or with --summary only the summary of what --out holds."""
