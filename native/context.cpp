@@ -39,9 +39,6 @@ psg_context::psg_context(psg_model * model, const psg_context_params & p) : owne
     if (ggml_blck_size(psg_cache_type_parse(params.type_v, "type_v")) != 1 && params.flash_attn == "off") {
         throw invalid_argument("a quantized V cache (type_v='" + params.type_v + "') needs flash_attn='on'");
     }
-    if (params.n_ctx < 8) {
-        throw invalid_argument("n_ctx must be at least 8");
-    }
     if (params.n_batch < 1 || params.n_ubatch < 1) {
         throw invalid_argument("n_batch and n_ubatch must be positive");
     }
@@ -67,6 +64,15 @@ psg_context::psg_context(psg_model * model, const psg_context_params & p) : owne
 }
 
 llama_context * psg_context::create(uint32_t n_ctx) const {
+    // llama.cpp asserts (and aborts) when it reserves outputs for more sequences than a batch or the cache holds
+    if (n_ctx < 8 || n_ctx < (uint32_t) params.n_seq_max) {
+        throw invalid_argument("n_ctx must be at least 8 and at least n_seq_max (" + to_string(params.n_seq_max) +
+                               "), not " + to_string(n_ctx));
+    }
+    if (params.n_batch < (uint32_t) params.n_seq_max) {
+        throw invalid_argument("n_batch must be at least n_seq_max (" + to_string(params.n_seq_max) + "), not " +
+                               to_string(params.n_batch));
+    }
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = n_ctx;
     cp.n_batch = params.n_batch;

@@ -135,3 +135,20 @@ def test_bad_state_blob(small, prose):
         assert ctx.n_cells() == 0
         ctx.state_set(0, blob)
         assert ctx.n_cells() == 40
+
+
+def test_fewer_cells_than_sequences(small):
+    """llama.cpp asserts when it reserves outputs for more sequences than a
+    batch or the cache holds; the context refuses such sizes, at creation
+    and on a reload."""
+    with pytest.raises(ValueError, match="n_seq_max"):
+        small.context(n_ctx=16, n_seq_max=64)
+    with pytest.raises(ValueError, match="n_batch must be at least n_seq_max"):
+        small.context(n_ctx=64, n_batch=1, n_seq_max=2)
+    with small.context(n_ctx=64, n_seq_max=2) as ctx:
+        ctx.prefill(small.tokenize("The harbour board met on Tuesday."))
+        blob = ctx.state_get(0)
+        with pytest.raises(ValueError, match="n_seq_max"):
+            ctx.load_state(0, blob, 1)
+        ctx.load_state(0, blob, 32)  # the context is still whole
+        assert ctx.n_cells(0) > 0
