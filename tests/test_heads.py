@@ -87,16 +87,24 @@ def test_kept_state_cut_on_the_host_equals_llama_cpps(small, prompt, layout):
 
 
 def test_cell_order_per_head_does_not_matter(small, prompt):
-    """Cells shuffled differently in every (layer, KV head) give the same
-    answer as the native keep. Flash attention off: llama.cpp's attention
-    rounds the softmax to f16 for the V product, so the order of cells moves
-    later steps' logits of this 135M model by up to ~0.5 even for a legal
-    llama.cpp state with whole cells reordered (measured); the first step
-    is exact and the short greedy answer the same."""
+    """Cells shuffled differently in every (layer, KV head) give the answer
+    of the native keep, and logits as close to it as a legal llama.cpp state
+    with whole cells reordered (one permutation for every head) gives.
+    Flash attention off: llama.cpp rounds the softmax to f16 for the V
+    product, so the order of cells alone moves this 135M model's logits by
+    up to ~0.6 on some CPU builds (measured: a whole-cell reorder and the
+    per-head shuffle both 0.577 on one, both 0 on another)."""
     layout = LAYOUTS[0]
     n = len(prompt) - 1
     rng = np.random.default_rng(2)
     keep = _kept(n, rng, 96)
+
+    def rewritten(order):
+        ctx = _context(small, layout)
+        ctx.prefill(prompt[:-1], want="none")
+        ctx.keep_per_head(0, order, keep)
+        return ctx
+
     native = _context(small, layout)
     native.prefill(prompt[:-1], want="none")
     native.seq_keep_positions(0, keep)
@@ -104,13 +112,13 @@ def test_cell_order_per_head_does_not_matter(small, prompt):
     shuffled = np.stack([np.stack([rng.permutation(keep) for _ in range(small.n_head_kv)])
                          for _ in range(small.n_layer)]).astype(np.int32)
     assert not (shuffled == shuffled[0, 0]).all()
-    rewritten = _context(small, layout)
-    rewritten.prefill(prompt[:-1], want="none")
-    rewritten.keep_per_head(0, shuffled, keep)
-    native.prefill([prompt[-1]])
-    rewritten.prefill([prompt[-1]])
-    np.testing.assert_allclose(rewritten.logits(), native.logits(), atol=1e-4, rtol=0)
-    assert list(native.generate(6, Sampling())) == list(rewritten.generate(6, Sampling()))
+    contexts = [native, rewritten(shuffled), rewritten(_same_for_all(small, rng.permutation(keep)))]
+    for ctx in contexts:
+        ctx.prefill([prompt[-1]])
+    base, per_head, whole_cells = (ctx.logits() for ctx in contexts)
+    reorder_noise = np.abs(whole_cells - base).max()
+    assert np.abs(per_head - base).max() <= 2 * reorder_noise + 1e-4
+    assert list(contexts[0].generate(6, Sampling())) == list(contexts[1].generate(6, Sampling()))
 
 
 def test_each_head_really_keeps_its_own_set(small, prompt):
