@@ -397,11 +397,19 @@ def test_a_bad_upstream_option_is_refused_at_start(small_path):
 
 @pytest.mark.slow
 def test_load_16_clients_4_requests_each(front, engine, session, prose):
-    """Every answer through the front equals the upstream's own answer to the
-    same compressed prompt; none is lost."""
+    """Every answer through the front is the upstream's own answer to the
+    same compressed prompt; none is lost. The engine answers a prompt it
+    has just seen from its cached prefix, re-reading only the last token,
+    and that batch can decide a near-tie of this 135M model the other way:
+    so each prompt is asked twice, after another prompt and again, and an
+    answer through the front must be one of the two."""
     _, engine_url = engine
     prompts = [long_messages(prose, "What is the secret code for the vault?", v) for v in range(4)]
-    expected = [chat(client_of(engine_url), compressed_locally(session, m))[0] for m in prompts]
+    direct = client_of(engine_url)
+    expected = [set() for _ in prompts]
+    for v, messages in enumerate(prompts):
+        short = compressed_locally(session, messages)
+        expected[v] |= {chat(direct, short)[0], chat(direct, short)[0]}
     client = client_of(front, timeout=600)
 
     def one(i: int) -> tuple:
@@ -411,4 +419,5 @@ def test_load_16_clients_4_requests_each(front, engine, session, prose):
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(one, range(64)))
     assert len(answers) == 64
-    assert all(text == expected[v] for v, text in answers)
+    wrong = [(v, text, expected[v]) for v, text in answers if text not in expected[v]]
+    assert not wrong, f"{len(wrong)} of 64 answers differ, e.g. {wrong[:3]}"
