@@ -58,6 +58,28 @@ def test_a_stand_in_is_timed_against_its_own_full_and_never_scored(tmp_path):
         report.build(runs, tmp_path, "full")
 
 
+def test_each_target_keeps_the_machine_it_was_timed_on(tmp_path):
+    """A stand-in timed at one length on one machine keeps its rows when the
+    real target is timed at that length, with more methods, on another; the
+    table names each row's machine."""
+    real, big = "qwen-1.5b", "standin:qwen2.5-7b"
+    avx2 = {**machine(), "cores": 2, "llama_system_info": "CPU : AVX2 = 1 |", "cpu_family": "25", "cpu_model": "1"}
+    avx512 = {**avx2, "llama_system_info": "CPU : AVX2 = 1 | AVX512 = 1 |", "cpu_family": "25", "cpu_model": "17"}
+    rows = [{**_timing(v, b, t, big), "machine": avx2} for v, b, t in [("full", 0, 900.0), ("specpc", 1024, 220.0)]]
+    rows += [{**_timing(v, b, t, real), "machine": avx512}
+             for v, b, t in [("full", 0, 200.0), ("specpc", 1024, 120.0), ("speckv_pc", 1024, 150.0)]]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built = {r["method"]: r for r in report.build(runs, tmp_path, "full")}
+    assert built["specpc [standin qwen2.5-7b]"]["ttft_vs_full"] == pytest.approx(220 / 900)
+    assert built["specpc"]["ttft_vs_full"] == pytest.approx(0.6)
+    assert built["full [standin qwen2.5-7b]"]["timing_machine"].endswith("AVX2")
+    assert built["full"]["timing_machine"].endswith("AVX512")
+    md = (tmp_path / "latest.md").read_text()
+    assert "| standin:qwen2.5-7b (stand-in: times only) | 8192 | 900.0 (1 run) |" in md
+    assert "timed on |" in md and "model 17), 2 cores, AVX512 |" in md and "model 1), 2 cores, AVX2 |" in md
+
+
 # ------------------------------------------------------------ on the real pair
 
 @pytest.fixture(scope="module")

@@ -57,8 +57,12 @@ def _runs(row) -> str:
 def target_table(entries: list) -> str:
     if not entries:
         return "Not measured yet."
+    # each target and length is timed on one machine; name it where they differ
+    machines = sorted({_machine(e) for e in entries} - {None})
+    several = len(machines) > 1
     lines = ["| target | context | `full` TTFT s | `specpc` | vs full | draft's share | `speckv_pc` | vs full | "
-             "target KV MiB full → specpc | peak RSS MiB full / specpc |", "|" + "---|" * 10]
+             "target KV MiB full → specpc | peak RSS MiB full / specpc |" + " timed on |" * several,
+             "|" + "---|" * (10 + several)]
     for e in entries:
         full, pc, cascade = e.get("full"), e.get("specpc"), e.get("speckv_pc")
         share = None
@@ -70,8 +74,13 @@ def target_table(entries: list) -> str:
             f"{'—' if share is None else f'{share:.0%}'} | {_runs(cascade)} | "
             f"{_cell(cascade, 'ttft_vs_full', '.2f')} | {_cell(full, 'target_kv_bytes', '.0f', 2**20)} → "
             f"{_cell(pc, 'target_kv_bytes', '.0f', 2**20)} | {_cell(full, 'peak_rss_bytes', '.0f', 2**20)} / "
-            f"{_cell(pc, 'peak_rss_bytes', '.0f', 2**20)} |")
+            f"{_cell(pc, 'peak_rss_bytes', '.0f', 2**20)} |" + (f" {_machine(e) or '—'} |" if several else ""))
     return "\n".join(lines)
+
+
+def _machine(entry: dict):
+    row = entry.get("full") or entry.get("specpc") or entry.get("speckv_pc")
+    return row.get("timing_machine") if row else None
 
 
 def plot_targets(entries: list, out: Path, plt) -> None:

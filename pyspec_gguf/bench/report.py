@@ -140,32 +140,38 @@ def sittings(ts: list) -> dict:
 
 
 def _timing_machines(raw: list) -> dict:
-    """Per context length, the machine whose timing runs the report uses,
-    so that every ratio is between runs of one machine: the one that timed
-    the most methods there (a method's flash-attention, draft or option
-    variants count once), then the most configurations, then the most runs
-    the report would use (a re-timing replaces the runs before it), then the
-    one that ran last. Timing all of a length's methods again on another
-    machine, as often, so takes the length over; a few runs there do not,
-    nor more variants of fewer methods."""
+    """Per context length and target, the machine whose timing runs the
+    report uses, so that every ratio is between runs of one machine: the one
+    that timed the most methods there (a method's flash-attention, draft or
+    option variants count once), then the most configurations, then the
+    most runs the report would use (a re-timing replaces the runs before
+    it), then the one that ran last. Timing all of a length's methods again
+    on another machine, as often, so takes the length over; a few runs there
+    do not, nor more variants of fewer methods. Each target has its own
+    choice: a stand-in timed on one machine keeps its rows when the real
+    target is timed at that length on another."""
     runs, last = defaultdict(list), {}
     for order, r in enumerate(raw):  # runs.jsonl is appended in the order the runs ran
         if r["kind"] == "timing":
-            at = (r["context_tokens"], machine_label(r.get("machine", {})))
+            at = (_timed_as(r), machine_label(r.get("machine", {})))
             runs[(*at, r["variant"], r["budget"])].append(r)
             last[at] = order
-    methods = defaultdict(set)  # (context, machine) -> the methods timed there
-    rank = defaultdict(lambda: [0, 0])  # (context, machine) -> [configurations, runs]
-    for (context, label, variant, _), ts in runs.items():
-        methods[(context, label)].add(plain_method(variant))
-        rank[(context, label)][0] += 1
-        rank[(context, label)][1] += len(current_runs(ts))
+    methods = defaultdict(set)  # ((context, target), machine) -> the methods timed there
+    rank = defaultdict(lambda: [0, 0])  # ((context, target), machine) -> [configurations, runs]
+    for (where, label, variant, _), ts in runs.items():
+        methods[(where, label)].add(plain_method(variant))
+        rank[(where, label)][0] += 1
+        rank[(where, label)][1] += len(current_runs(ts))
     machines = defaultdict(list)
-    for context, label in rank:
-        machines[context].append(label)
-    return {context: max(labels, key=lambda m: (len(methods[(context, m)]), *rank[(context, m)],
-                                                last[(context, m)]))
-            for context, labels in machines.items()}
+    for where, label in rank:
+        machines[where].append(label)
+    return {where: max(labels, key=lambda m: (len(methods[(where, m)]), *rank[(where, m)], last[(where, m)]))
+            for where, labels in machines.items()}
+
+
+def _timed_as(r: dict) -> tuple:
+    """What one machine's choice covers: a context length and a target."""
+    return r["context_tokens"], r["models"].get("target")
 
 
 def load_labelled(runs: Path) -> list:
@@ -188,7 +194,7 @@ def build(runs: Path, out: Path, profile: str) -> list:
         groups[(r["context_tokens"], r["variant"], r["budget"])].append(r)
     timed_on = _timing_machines(raw)
     for r in raw:
-        if r["kind"] == "timing" and machine_label(r.get("machine", {})) == timed_on[r["context_tokens"]]:
+        if r["kind"] == "timing" and machine_label(r.get("machine", {})) == timed_on[_timed_as(r)]:
             timings[(r["context_tokens"], r["variant"], r["budget"])].append(r)
     sitting_of = {}
     for context in {key[0] for key in timings}:
@@ -231,7 +237,7 @@ def build(runs: Path, out: Path, profile: str) -> list:
             "target_kv_bytes": kv if kv is not None else _median([x["target_kv_bytes"] for x in ts]),
             "kv_vs_full": _ratio(kv, kv_full),
             "models": models, "machine": raw[0]["machine"] if raw else machine(), "commands": commands,
-            "timing_machine": timed_on.get(context),
+            "timing_machine": timed_on.get((context, models.get("target"))),
         })
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "latest.jsonl", "w") as f:
