@@ -2,6 +2,7 @@
 // turns std::invalid_argument into ValueError, std::runtime_error into
 // RuntimeError). The work is in model.cpp, context.cpp and the files beside.
 #include "context.h"
+#include "transfers.h"
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -92,6 +93,17 @@ NB_MODULE(_native, m) {
           "Route llama.cpp logs at or above `threshold` (a ggml log level) to sink(level, text).");
     m.def("llama_system_info", []() { return std::string(llama_print_system_info()); });
     m.def("supports_gpu_offload", []() { return llama_supports_gpu_offload(); });
+    m.def("transfers", []() {
+              nb::dict out;
+              const char * names[PSG_TRANSFER_KINDS] = {"state_read", "state_write", "capture_read", "capture_write"};
+              for (int k = 0; k < PSG_TRANSFER_KINDS; ++k) {
+                  const psg_transfer_count c = psg_transfers((psg_transfer_kind) k);
+                  out[names[k]] = nb::make_tuple(c.calls, c.bytes);
+              }
+              return out;
+          },
+          "Copies between llama.cpp's buffers and the host so far in this process, by kind "
+          "(state_read, state_write, capture_read, capture_write): (calls, bytes) each.");
     m.attr("LOG_DEBUG") = (int) GGML_LOG_LEVEL_DEBUG;
     m.attr("LOG_INFO") = (int) GGML_LOG_LEVEL_INFO;
     m.attr("LOG_WARN") = (int) GGML_LOG_LEVEL_WARN;
@@ -103,7 +115,7 @@ NB_MODULE(_native, m) {
                  nb::gil_scoped_release release;
                  new (self) psg_model(path, n_gpu_layers, use_mmap);
              },
-             "path"_a, "n_gpu_layers"_a = 0, "use_mmap"_a = true)
+             "path"_a, "n_gpu_layers"_a = -1, "use_mmap"_a = true)
         .def("close", &psg_model::close)
         .def_prop_ro("closed", [](const psg_model & m) { return m.model == nullptr; })
         .def_prop_ro("n_layer", &psg_model::n_layer)
@@ -212,7 +224,7 @@ NB_MODULE(_native, m) {
         .def("sample", &psg_context::sample)
         .def("capture_arm",
              [](psg_context & c, const i32_array & layers, const i32_array & positions, nb::object weights,
-                const std::string & reduce) {
+                const std::string & reduce, const std::string & scoring) {
                  std::vector<float> w;
                  if (!weights.is_none()) {
                      f32_array wa = nb::cast<f32_array>(weights);
@@ -222,9 +234,18 @@ NB_MODULE(_native, m) {
                  if (reduce == "max") r = PSG_REDUCE_MAX;
                  else if (reduce == "sum") r = PSG_REDUCE_SUM;
                  else throw std::invalid_argument("reduce must be 'max' or 'sum', not '" + reduce + "'");
-                 c.capture_arm(to_vec(layers), to_vec(positions), w, r);
+                 int32_t where;
+                 if (scoring == "auto") where = PSG_SCORING_AUTO;
+                 else if (scoring == "graph") where = PSG_SCORING_GRAPH;
+                 else if (scoring == "host") where = PSG_SCORING_HOST;
+                 else throw std::invalid_argument("scoring must be 'auto', 'graph' or 'host', not '" + scoring + "'");
+                 c.capture_arm(to_vec(layers), to_vec(positions), w, r, where);
              },
-             "layers"_a, "positions"_a, "weights"_a = nb::none(), "reduce"_a = "max")
+             "layers"_a, "positions"_a, "weights"_a = nb::none(), "reduce"_a = "max", "scoring"_a = "auto",
+             "Arms the capture. With flash attention on, `scoring` says where the observation rows' softmax "
+             "is computed: 'graph', by a ggml graph on the backend that holds the keys (only the reduced "
+             "scores come to the host); 'host', from the keys copied to the host; 'auto' (the default), "
+             "'graph' where the keys live in device memory, else 'host'.")
         .def("capture_take",
              [](psg_context & c) {
                  psg_capture::taken t = c.capture->take();

@@ -1,6 +1,7 @@
 #include "capture.h"
 
 #include "attention_rows.h"
+#include "transfers.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -21,7 +22,7 @@ static const char   k_softmax_prefix[] = "kq_soft_max-";
 static const size_t k_softmax_prefix_len = sizeof(k_softmax_prefix) - 1;
 
 void psg_capture::arm(const std::vector<int32_t> & layer_ids, const std::vector<int32_t> & positions,
-                      const std::vector<float> & weights, psg_reduce how) {
+                      const std::vector<float> & weights, psg_reduce how, psg_scoring where) {
     if (layer_ids.empty()) {
         throw invalid_argument("capture needs at least one layer");
     }
@@ -48,6 +49,9 @@ void psg_capture::arm(const std::vector<int32_t> & layer_ids, const std::vector<
     if (how != PSG_REDUCE_MAX && how != PSG_REDUCE_SUM) {
         throw invalid_argument("reduce must be 'max' or 'sum'");
     }
+    if (where != PSG_SCORING_AUTO && where != PSG_SCORING_GRAPH && where != PSG_SCORING_HOST) {
+        throw invalid_argument("scoring must be 'auto', 'graph' or 'host'");
+    }
     layers = layer_ids;
     layer_slot.assign(n_layer, -1);
     for (size_t i = 0; i < layers.size(); ++i) {
@@ -58,6 +62,7 @@ void psg_capture::arm(const std::vector<int32_t> & layer_ids, const std::vector<
         query_weight[positions[i]] = weights.empty() ? 1.0f : weights[i];
     }
     reduce = how;
+    scoring = where;
     scores.assign(layers.size(), std::vector<std::vector<float>>(n_head_kv));
     n_pos = 0;
     n_tensors_seen = 0;
@@ -262,6 +267,7 @@ void psg_capture::reduce_tensor(ggml_tensor * t) {
         for (int64_t h = 0; h < n_heads; ++h) {
             const size_t offset = (size_t) ubatch_rows[r] * t->nb[1] + (size_t) h * t->nb[2];
             ggml_backend_tensor_get(t, buf.data(), offset, (size_t) (n_run * n_kv) * sizeof(float));
+            psg_count_transfer(PSG_CAPTURE_READ, (size_t) (n_run * n_kv) * sizeof(float));
             std::vector<float> & out = scores[slot][h / group];
             for (int64_t i = 0; i < n_run; ++i) {
                 accumulate(out, buf.data() + i * n_kv, ubatch_weights[r + i], n_cells);
@@ -322,11 +328,25 @@ void psg_capture::reduce_flash(ggml_tensor * t, int32_t il) {
         n_tensors_seen++;
         return;
     }
+    const bool keys_away = psg_attention_graph::keys_off_host(k);
+    if (scoring == PSG_SCORING_GRAPH || (scoring == PSG_SCORING_AUTO && keys_away && !graph_failed)) {
+        std::string why;
+        if (reduce_flash_graph(t, slot, n_cells, scale, softcap, why)) {
+            n_rows_seen += (int64_t) ubatch_rows.size();
+            n_tensors_seen++;
+            return;
+        }
+        if (scoring == PSG_SCORING_GRAPH) {
+            return fail("scoring on its backend: " + why);
+        }
+        graph_failed = true;  // and score on the host from now on
+    }
 
     // The cells' keys as float, transposed per KV group: keys[(g * hd + d) * n_cells + c].
     const int64_t n_key = n_cells * n_head_kv * hd;
     raw.resize((size_t) n_cells * k->nb[1]);
     ggml_backend_tensor_get(k, raw.data(), 0, raw.size());
+    psg_count_transfer(PSG_CAPTURE_READ, raw.size());
     buf.resize((size_t) n_key);
     if (k->type == GGML_TYPE_F32) {
         memcpy(buf.data(), raw.data(), raw.size());
@@ -352,6 +372,8 @@ void psg_capture::reduce_flash(ggml_tensor * t, int32_t il) {
         ggml_backend_tensor_get(q, queries.data() + i * (size_t) (n_head * hd), (size_t) row * q->nb[1],
                                 (size_t) (n_head * hd) * sizeof(float));
         ggml_backend_tensor_get(mask, mask16.data(), (size_t) row * mask->nb[1], mask16.size() * sizeof(ggml_fp16_t));
+        psg_count_transfer(PSG_CAPTURE_READ, (size_t) (n_head * hd) * sizeof(float));
+        psg_count_transfer(PSG_CAPTURE_READ, mask16.size() * sizeof(ggml_fp16_t));
         ggml_fp16_to_fp32_row(mask16.data(), masks.data() + i * (size_t) n_cells, n_cells);
     }
     // KV groups in parallel: each writes only its own scores, rows in order as the softmax path does
@@ -384,6 +406,46 @@ void psg_capture::reduce_flash(ggml_tensor * t, int32_t il) {
     }
     n_rows_seen += (int64_t) ubatch_rows.size();
     n_tensors_seen++;
+}
+
+bool psg_capture::reduce_flash_graph(const ggml_tensor * t, int32_t slot, int64_t n_cells, float scale,
+                                     float softcap, std::string & why) {
+    if (!graph) {
+        graph = std::make_unique<psg_attention_graph>();
+    }
+    psg_attention_inputs in;
+    in.q = t->src[0];
+    in.k = t->src[1];
+    in.mask = t->src[3];
+    in.n_cells = n_cells;
+    in.scale = scale;
+    in.softcap = softcap;
+    in.reduce_max = reduce == PSG_REDUCE_MAX;
+    // one graph per run of consecutive observation rows (usually one run);
+    // the scores are added only once every run is scored, so that a backend
+    // that fails half way leaves nothing for the host path to count twice
+    std::vector<std::vector<float>> runs;
+    size_t r = 0;
+    while (r < ubatch_rows.size()) {
+        size_t r_end = r + 1;
+        while (r_end < ubatch_rows.size() && ubatch_rows[r_end] == ubatch_rows[r_end - 1] + 1) {
+            ++r_end;
+        }
+        in.row0 = ubatch_rows[r];
+        in.n_rows = (int64_t) (r_end - r);
+        in.weights = ubatch_weights.data() + r;
+        runs.emplace_back();
+        if (!graph->score(in, n_threads, runs.back(), why)) {
+            return false;
+        }
+        r = r_end;
+    }
+    for (const std::vector<float> & reduced : runs) {
+        for (int32_t g = 0; g < n_head_kv; ++g) {
+            accumulate(scores[slot][g], reduced.data() + (size_t) g * n_cells, 1.0f, n_cells);
+        }
+    }
+    return true;
 }
 
 bool psg_capture_eval_cb(ggml_tensor * t, bool ask, void * user_data) {

@@ -6,9 +6,11 @@
 // observation rows' softmax is computed here, the same reductions after.
 #pragma once
 
+#include "attention_graph.h"
 #include "kv_cells.h"
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -18,6 +20,16 @@ struct ggml_tensor;
 enum psg_reduce : int32_t {
     PSG_REDUCE_MAX = 0,
     PSG_REDUCE_SUM = 1,
+};
+
+// Where the flash-attention path computes the observation rows' softmax:
+// AUTO, on the backend that holds the keys where the host cannot read them
+// directly (a GPU), else on the host; GRAPH, always as a ggml graph on that
+// backend; HOST, always on the host.
+enum psg_scoring : int32_t {
+    PSG_SCORING_AUTO = 0,
+    PSG_SCORING_GRAPH = 1,
+    PSG_SCORING_HOST = 2,
 };
 
 struct psg_capture {
@@ -30,6 +42,7 @@ struct psg_capture {
     // what is armed
     bool                               armed = false;
     psg_reduce                         reduce = PSG_REDUCE_MAX;
+    psg_scoring                        scoring = PSG_SCORING_AUTO;
     std::vector<int32_t>               layers;       // captured layer ids, in output order
     std::vector<int32_t>               layer_slot;   // layer id -> index in `layers`, or -1
     std::unordered_map<int32_t, float> query_weight; // query position -> row weight
@@ -52,10 +65,12 @@ struct psg_capture {
     std::vector<float> buf;       // scratch for rows read from the backend
     std::vector<float> keys;      // the flash-attention path's keys, as float
     std::vector<uint8_t> raw;     // and as the cache stores them
+    std::unique_ptr<psg_attention_graph> graph; // the flash-attention path on the keys' backend
+    bool graph_failed = false;    // AUTO found the backend unable to run it: the host path since
 
     // Checks the request (std::invalid_argument), then arms: scores start at zero.
     void arm(const std::vector<int32_t> & layer_ids, const std::vector<int32_t> & positions,
-             const std::vector<float> & weights, psg_reduce how);
+             const std::vector<float> & weights, psg_reduce how, psg_scoring where = PSG_SCORING_AUTO);
     void disarm();
     // Selects the observation rows of the next ubatch, given its token
     // positions, whose keys are the cells `kv` (with the ubatch's own cells
@@ -70,6 +85,10 @@ struct psg_capture {
     void reduce_tensor(ggml_tensor * t);
     // The flash-attention path: a FLASH_ATTN_EXT node of layer `il`.
     void reduce_flash(ggml_tensor * t, int32_t il);
+    // Its scores computed by a graph on the keys' backend; false where that
+    // backend cannot run it (`why` says so).
+    bool reduce_flash_graph(const ggml_tensor * t, int32_t slot, int64_t n_cells, float scale, float softcap,
+                            std::string & why);
     // Adds one row of attention probabilities over the KV cells into the
     // slot's per-head scores, as `reduce` says.
     void accumulate(std::vector<float> & out, const float * probs, float w, int64_t n_cells) const;

@@ -48,6 +48,11 @@ psg_context::psg_context(psg_model * model, const psg_context_params & p) : owne
     if (params.n_seq_max < 1 || params.n_seq_max > 64) {
         throw invalid_argument("n_seq_max must be in [1, 64]");
     }
+    // llama.cpp asserts (and aborts) when it reserves outputs for more sequences than a batch holds
+    if (params.n_batch < (uint32_t) params.n_seq_max) {
+        throw invalid_argument("n_batch must be at least n_seq_max (" + to_string(params.n_seq_max) + "), not " +
+                               to_string(params.n_batch));
+    }
     capture = std::make_unique<psg_capture>();
     capture->n_layer = owner->n_layer();
     capture->n_head = owner->n_head();
@@ -64,14 +69,10 @@ psg_context::psg_context(psg_model * model, const psg_context_params & p) : owne
 }
 
 llama_context * psg_context::create(uint32_t n_ctx) const {
-    // llama.cpp asserts (and aborts) when it reserves outputs for more sequences than a batch or the cache holds
+    // llama.cpp asserts (and aborts) when it reserves outputs for more sequences than the cache holds
     if (n_ctx < 8 || n_ctx < (uint32_t) params.n_seq_max) {
         throw invalid_argument("n_ctx must be at least 8 and at least n_seq_max (" + to_string(params.n_seq_max) +
                                "), not " + to_string(n_ctx));
-    }
-    if (params.n_batch < (uint32_t) params.n_seq_max) {
-        throw invalid_argument("n_batch must be at least n_seq_max (" + to_string(params.n_seq_max) + "), not " +
-                               to_string(params.n_batch));
     }
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = n_ctx;
@@ -248,13 +249,13 @@ int32_t psg_context::sample() {
 }
 
 void psg_context::capture_arm(const vector<int32_t> & layers, const vector<int32_t> & positions,
-                              const vector<float> & weights, int32_t reduce) {
+                              const vector<float> & weights, int32_t reduce, int32_t scoring) {
     check_open();
     if (per_head) {
         throw invalid_argument("attention capture cannot map columns to positions once the KV cache holds "
                                "per-head sets");
     }
-    capture->arm(layers, positions, weights, (psg_reduce) reduce);
+    capture->arm(layers, positions, weights, (psg_reduce) reduce, (psg_scoring) scoring);
 }
 
 void psg_context::capture_disarm() {

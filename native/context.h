@@ -71,7 +71,7 @@ struct psg_context {
     int32_t sample();
 
     void capture_arm(const std::vector<int32_t> & layers, const std::vector<int32_t> & positions,
-                     const std::vector<float> & weights, int32_t reduce);
+                     const std::vector<float> & weights, int32_t reduce, int32_t scoring = PSG_SCORING_AUTO);
     void capture_disarm();
 
     void seq_rm(int32_t seq, int32_t p0, int32_t p1);

@@ -3,6 +3,7 @@
 #include "context.h"
 
 #include "state_blob.h"
+#include "transfers.h"
 
 #include <stdexcept>
 
@@ -20,6 +21,7 @@ vector<uint8_t> psg_context::state_get(int32_t seq) const {
     if (n == 0 || n > size) {
         throw runtime_error("llama_state_seq_get_data failed for sequence " + to_string(seq));
     }
+    psg_count_transfer(PSG_STATE_READ, n);
     blob.resize(n);
     return blob;
 }
@@ -48,6 +50,7 @@ void psg_context::state_set(int32_t seq, const vector<uint8_t> & blob) {
         throw invalid_argument("KV state holds " + to_string(st.cell_pos.size()) + " cells, more than n_ctx");
     }
     const size_t n = llama_state_seq_set_data(ctx, blob.data(), blob.size(), seq);
+    psg_count_transfer(PSG_STATE_WRITE, blob.size());
     if (n == 0) {
         llama_memory_clear(llama_get_memory(ctx), true);
         cells.clear();

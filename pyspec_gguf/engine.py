@@ -33,6 +33,19 @@ class PromptTooLong(ValueError):
         self.param = param
 
 
+def transfers() -> dict:
+    """Copies between llama.cpp's buffers and the host so far in this
+    process, by kind ("state_read", "state_write", "capture_read"), each
+    [calls, bytes]: on a GPU build with the KV cache offloaded every one
+    crosses the bus, on the CPU build it is a memory copy."""
+    return {kind: list(count) for kind, count in _native.transfers().items()}
+
+
+def transfers_since(before: dict) -> dict:
+    """The copies made since the reading `before` (of `transfers()`)."""
+    return {kind: [now[0] - before[kind][0], now[1] - before[kind][1]] for kind, now in transfers().items()}
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
@@ -43,11 +56,11 @@ class Model:
     Args:
         spec: a local .gguf path, a registry name or a Hugging Face spec
             (see ``pyspec_gguf.registry``).
-        n_gpu_layers: layers to offload when llama-cpp-python was built with
-            CUDA or Metal (-1: all).
+        n_gpu_layers: layers to offload when llama-cpp-python was built for a
+            GPU (CUDA, Metal, Vulkan); -1, the default, offloads all of them.
     """
 
-    def __init__(self, spec: Union[str, os.PathLike], n_gpu_layers: int = 0, use_mmap: bool = True,
+    def __init__(self, spec: Union[str, os.PathLike], n_gpu_layers: int = -1, use_mmap: bool = True,
                  progress: bool = True):
         path = resolve(os.fspath(spec), progress=progress)
         self._native = _native.Model(str(path), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)

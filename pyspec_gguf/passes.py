@@ -22,6 +22,11 @@ from .scoring import REDUCTIONS, combine
 # "eviction": dropping the unselected KV entries and compacting (or, per
 # head, rewriting) the target's cache
 STAGES = ("draft_prefill", "lookahead", "scoring", "target_prefill", "eviction", "decode")
+# Where the flash-attention capture computes the observation rows' softmax
+# (the native capture_arm's `scoring`): "auto" runs it as a graph on the
+# backend that holds the keys where they live in device memory, else on the
+# host; studies/transfers.py sets "graph" or "host" to compare what each moves.
+SCORING = "auto"
 
 
 class Clock:
@@ -103,7 +108,7 @@ def capture(ctx, tokens, layers, queries, weights=None, reduce: str = "max", pro
     """Prefill `tokens` after what the context holds, capturing the attention
     of the query positions `queries` in `layers`: [layer, kv_head, key]."""
     ctx.capture_arm(np.asarray(layers, np.int32), np.asarray(queries, np.int32),
-                    None if weights is None else np.asarray(weights, np.float32), reduce)
+                    None if weights is None else np.asarray(weights, np.float32), reduce, SCORING)
     try:
         ctx.prefill(tokens, want="last", progress=progress)
         scores, _ = ctx.capture_take()
@@ -275,7 +280,8 @@ def target_pass(model, tokens: np.ndarray, needs: TargetNeeds, lookahead: np.nda
         with clock.stage("target_prefill"):
             if needs.captures:
                 ctx.capture_arm(np.arange(model.n_layer, dtype=np.int32),
-                                np.arange(n - w, n + len(lookahead), dtype=np.int32), None, needs.reduction)
+                                np.arange(n - w, n + len(lookahead), dtype=np.int32), None, needs.reduction,
+                                SCORING)
                 try:
                     ctx.prefill(rest, want="none", progress=progress)
                     rows, _ = ctx.capture_take()

@@ -18,7 +18,7 @@ import numpy as np
 from . import registry, speculate
 from ._log import logger as log
 from .derive import QUANTS, derived_draft
-from .engine import Model, PromptTooLong, Sampling, default_threads, iter_text
+from .engine import Model, PromptTooLong, Sampling, default_threads, iter_text, transfers, transfers_since
 from .methods import Method, make_method
 from .passes import STAGES
 from .pipeline import Analysis, Caches
@@ -53,6 +53,14 @@ class Stats:
     verify_steps: int = 0     # the target's batches that verified them
     draft_decodes: int = 0    # the draft model's decode calls that proposed them
     draft_kv_bytes: int = 0   # KV bytes the draft holds while it drafts the answer
+    # copies between llama.cpp's buffers and the host, by kind (state_read,
+    # state_write, capture_read): [calls, bytes], over the bus on a GPU build
+    transfers: dict = field(default_factory=dict)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes the answer moved between llama.cpp's buffers and the host."""
+        return sum(b for _, b in self.transfers.values())
 
     @property
     def acceptance(self) -> float:
@@ -122,7 +130,11 @@ class SpecSession:
         draft, target: model specs (registry names, .gguf paths, Hugging Face
             specs); the registry's default pair when omitted. draft=None with
             target given loads no draft (methods that need one will refuse).
-        n_threads, n_batch, n_ubatch, n_gpu_layers: passed to llama.cpp.
+        n_threads, n_batch, n_ubatch: passed to llama.cpp.
+        n_gpu_layers: layers of each model offloaded where llama.cpp was
+            built for a GPU (CUDA, Metal, Vulkan): -1, the default, offloads
+            all, as llama.cpp's own default and Ollama do; 0 keeps both
+            models on the CPU. A CPU build ignores it.
         draft_quant, draft_layers: a draft built for scoring, made once from
             the draft's file and cached (`pyspec_gguf.derive`): its weights
             requantized (e.g. "q4_0", whose CPU kernels prefill fastest) and/or
@@ -140,7 +152,7 @@ class SpecSession:
     """
 
     def __init__(self, draft: Optional[str] = "", target: Optional[str] = None, n_threads: int = 0,
-                 n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0, flash_attn: str = "auto",
+                 n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = -1, flash_attn: str = "auto",
                  draft_quant: Optional[str] = None, draft_layers: int = 0, progress: bool = True):
         check_session_options(n_threads, n_gpu_layers, flash_attn, draft_quant, draft_layers)
         target = target or registry.default_model("target")
@@ -354,7 +366,9 @@ class SpecSession:
         the session's life: the models stay loaded)."""
         if which not in self._speed_keys:
             model = self.draft if which == "draft" else self.target
-            self._speed_keys[which] = speed_key(model, self.context_options, self.n_gpu_layers)
+            # a CPU build offloads nothing, whatever n_gpu_layers says
+            offloaded = self.n_gpu_layers if model.kv_on_device else 0
+            self._speed_keys[which] = speed_key(model, self.context_options, offloaded)
         return self._speed_keys[which]
 
     def observe(self, method: Method, stats: "Stats") -> None:
@@ -435,7 +449,7 @@ class Call:
     choice: Optional[Choice] = None  # what "auto" chose, where the call named it
 
 
-def check_session_options(n_threads: int = 0, n_gpu_layers: int = 0, flash_attn: str = "auto",
+def check_session_options(n_threads: int = 0, n_gpu_layers: int = -1, flash_attn: str = "auto",
                           draft_quant: Optional[str] = None, draft_layers: int = 0) -> None:
     """SpecSession's engine options, checked before any model loads."""
     def integer(value) -> bool:
@@ -536,7 +550,7 @@ class Stream:
         return self.result
 
     def __iter__(self) -> Iterator[str]:
-        t0 = time.perf_counter()
+        t0, moved = time.perf_counter(), transfers()
         self._check()
         analysis = Analysis(self._session, self._tokens, self._protected, self._max_tokens, [self._method],
                             progress=CheckedProgress(self._progress, self._check), caches=self._caches,
@@ -594,7 +608,8 @@ class Stream:
                           speculative=self._speculative, drafted=counts.drafted, accepted=counts.accepted,
                           verify_steps=counts.steps, draft_decodes=counts.draft_decodes,
                           draft_kv_bytes=len(self._tokens) * self._session.draft.kv_bytes_per_token
-                          if self._drafting else 0)
+                          if self._drafting else 0,
+                          transfers=transfers_since(moved))
             self._session.observe(self._method, stats)
             ran_out = len(tokens) == self._max_tokens and not stops.stopped
             self.result = Result(text="".join(text), tokens=tokens, stats=stats, kept=prepared.kept,

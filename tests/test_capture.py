@@ -7,10 +7,10 @@ from gguf.quants import dequantize
 
 
 def capture_once(model, tokens, layers, queries, reduce="max", weights=None, n_ubatch=512, n_batch=512,
-                 flash_attn="off"):
+                 flash_attn="off", scoring="auto"):
     with model.context(n_ctx=512, n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn) as ctx:
         ctx.capture_arm(np.array(layers, np.int32), np.array(queries, np.int32),
-                        None if weights is None else np.array(weights, np.float32), reduce)
+                        None if weights is None else np.array(weights, np.float32), reduce, scoring)
         ctx.prefill(tokens)
         scores, rows = ctx.capture_take()
         return scores, rows
@@ -201,3 +201,58 @@ def test_flash_attention_capture_whatever_the_ubatch(small, prose):
         assert rows == 2 * len(queries)
         np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
         np.testing.assert_allclose(got[1], ref[1], atol=0.05)
+
+def _ranks(a):
+    return np.argsort(np.argsort(a, axis=-1), axis=-1)
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+def test_scores_computed_on_the_keys_backend_match_the_host(small, prose, reduce):
+    """With flash attention on, scoring="graph" computes the observation
+    rows' softmax and its reductions as a ggml graph on the backend that
+    holds the keys (what a GPU build does by default), so only the reduced
+    scores come to the host. On the CPU backend it must give the host
+    path's scores, whatever the ubatches, row runs and weights."""
+    from pyspec_gguf.engine import transfers, transfers_since
+    tokens = small.tokenize(prose)[:300]
+    n = len(tokens)
+    layers = list(range(small.n_layer))
+    # two runs of rows, one across a ubatch boundary, and weights
+    queries = list(range(200, 212)) + list(range(n - 40, n))
+    weights = np.linspace(0.2, 1, len(queries))
+    for n_batch, n_ubatch in [(512, 512), (64, 48)]:
+        host, rows_host = capture_once(small, tokens, layers, queries, reduce, weights, n_batch, n_ubatch,
+                                       flash_attn="on", scoring="host")
+        before = transfers()
+        graph, rows_graph = capture_once(small, tokens, layers, queries, reduce, weights, n_batch, n_ubatch,
+                                         flash_attn="on", scoring="graph")
+        moved = transfers_since(before)
+        assert rows_graph == rows_host == len(layers) * len(queries)
+        scale = host.max(axis=-1, keepdims=True)
+        assert np.abs(graph - host).max() < 0.01 * scale.max()
+        # each layer and KV head ranks the prompt as the host path does
+        for got, ref in zip(graph.reshape(-1, n), host.reshape(-1, n)):
+            assert np.corrcoef(_ranks(got[ref > 0]), _ranks(ref[ref > 0]))[0, 1] > 0.999
+        # one score per (layer, KV head, cell) came back per run of rows, and the weights went over
+        assert 0 < moved["capture_read"][1] <= 4 * len(layers) * small.n_head_kv * 512 * 4
+        assert moved["capture_write"][1] == 4 * len(queries) * len(layers)
+
+
+def test_keys_on_the_host_are_scored_on_the_host_by_default(small, prose):
+    """scoring="auto" leaves the CPU build on its host path (the keys are in
+    host memory, where reading them costs no transfer), which reads each
+    captured layer's keys, and so moves far more than the graph's scores."""
+    from pyspec_gguf.engine import transfers, transfers_since
+    tokens = small.tokenize(prose)[:300]
+    layers, queries = list(range(small.n_layer)), list(range(260, 300))
+    moved = {}
+    for scoring in ("auto", "host", "graph"):
+        before = transfers()
+        capture_once(small, tokens, layers, queries, flash_attn="on", scoring=scoring)
+        moved[scoring] = transfers_since(before)
+    assert moved["auto"] == moved["host"] and moved["host"]["capture_write"] == [0, 0]
+    # the host path reads a cell's keys (head_dim f16 values per KV head), the graph one float per KV head
+    assert moved["host"]["capture_read"][1] > 10 * moved["graph"]["capture_read"][1]
+    with small.context(n_ctx=64, flash_attn="on") as ctx:
+        with pytest.raises(ValueError, match="scoring must be"):
+            ctx.capture_arm(np.array([0], np.int32), np.array([3], np.int32), None, "max", "gpu")

@@ -158,3 +158,21 @@ def test_one_libllama_per_process(small):
     with open("/proc/self/maps") as f:
         libs = {line.split()[-1] for line in f if "libllama" in line}
     assert len(libs) == 1, libs
+
+
+def test_every_layer_is_offloaded_by_default(small_path):
+    """A GPU build offloads every layer unless told otherwise (llama.cpp's
+    own default, -1: all), from Python and from the command line; the CPU
+    build has nothing to offload to, and its KV cache stays in host memory."""
+    import argparse
+    import inspect
+    from pyspec_gguf import Model, SpecSession, _native
+    from pyspec_gguf.cli.common import add_load_args, session_options
+    parser = argparse.ArgumentParser()
+    add_load_args(parser)
+    assert session_options(parser.parse_args([]))["n_gpu_layers"] == -1
+    assert inspect.signature(SpecSession).parameters["n_gpu_layers"].default == -1
+    with Model(small_path) as model:
+        assert model.kv_on_device == _native.supports_gpu_offload()
+    with Model(small_path, n_gpu_layers=0) as model:
+        assert not model.kv_on_device

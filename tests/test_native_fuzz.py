@@ -107,8 +107,10 @@ def mutated(blob: bytes, data) -> bytes:
         return blob[:data.draw(st.integers(0, max(len(blob) - 1, 0)))]
     if how == "extend":
         return blob + data.draw(st.binary(min_size=1, max_size=64))
+    if how == "same" or not blob:
+        return blob
     out = bytearray(blob)
-    for _ in range(data.draw(st.integers(1 if how == "flip" else 0, 8 if how == "flip" else 0))):
+    for _ in range(data.draw(st.integers(1, 8))):
         i = data.draw(st.integers(0, len(out) - 1))
         out[i] ^= 1 << data.draw(st.integers(0, 7))
     return bytes(out)
@@ -189,8 +191,8 @@ def distinct(lo: int, hi: int, max_size: int):
 
 @FUZZ
 @given(data=st.data(), reduce=st.sampled_from(["max", "sum"] * 3 + ["", "mean", "MAX"]),
-       flash=st.sampled_from(["off", "on"]))
-def test_capture(small, data, reduce, flash):
+       flash=st.sampled_from(["off", "on"]), scoring=st.sampled_from(["auto", "graph", "host", "gpu"]))
+def test_capture(small, data, reduce, flash, scoring):
     n = len(small.tokenize(PROMPT))
     layers = data.draw(mostly(distinct(0, small.n_layer - 1, 6), int_arrays(-3, small.n_layer + 3, 6)))
     rows = data.draw(mostly(distinct(0, n - 1, 8), int_arrays(-4, N_CTX + 4, 8)))
@@ -201,7 +203,7 @@ def test_capture(small, data, reduce, flash):
         size = len(rows) if weights == "right" else data.draw(st.integers(0, 9))
         weights = np.array(data.draw(st.lists(st.floats(width=32), min_size=size, max_size=size)), np.float32)
     with small.context(n_ctx=N_CTX, n_batch=64, n_ubatch=64, flash_attn=flash) as ctx:
-        if attempt("capture_arm", lambda: ctx.capture_arm(layers, rows, weights, reduce)) is not None:
+        if attempt("capture_arm", lambda: ctx.capture_arm(layers, rows, weights, reduce, scoring)) is not None:
             ctx.prefill(small.tokenize(PROMPT))
             taken = attempt("capture_take", ctx.capture_take)
             if taken is not None:

@@ -135,6 +135,29 @@ def test_eviction_cut_on_the_host_answers_alike(session, long_tokens, monkeypatc
         assert b.stats.target_kv_bytes == a.stats.target_kv_bytes
 
 
+def test_a_request_counts_what_it_moves(session, long_tokens, monkeypatch):
+    """Stats.transfers counts the copies between llama.cpp's buffers and the
+    host (over the bus on a GPU build): `full` makes none, SpecPC reads
+    only attention, and one-set eviction reads the target's KV state once
+    and writes the kept part back once, on the host route as on the device
+    route."""
+    tokens = long_tokens[:320]
+    full = session.generate(tokens, method="full", max_tokens=4).stats
+    assert full.host_bytes == 0 and all(calls == 0 for calls, _ in full.transfers.values())
+    pc = session.generate(tokens, method="specpc", budget=128, max_tokens=4).stats
+    assert pc.transfers["state_read"] == [0, 0] and pc.transfers["state_write"] == [0, 0]
+    assert pc.transfers["capture_read"][0] > 0 and pc.host_bytes == pc.transfers["capture_read"][1]
+    for on_device in (False, True):
+        monkeypatch.setattr(session.target, "kv_on_device", on_device)
+        kv = session.generate(tokens, method="speckv", budget=128, max_tokens=4).stats
+        (reads, read_bytes), (writes, write_bytes) = kv.transfers["state_read"], kv.transfers["state_write"]
+        assert (reads, writes) == (1, 1), on_device
+        # the state read holds the target pass (the prompt but its last token, decoded after the
+        # eviction) on the device route, or the kept cells; the write the kept cells
+        assert read_bytes >= (len(tokens) - 1 if on_device else 128) * session.target.kv_bytes_per_token
+        assert 128 * session.target.kv_bytes_per_token <= write_bytes < len(tokens) * session.target.kv_bytes_per_token
+
+
 def test_documented_api_is_importable():
     for name in ("SpecSession", "Result", "Stats", "make_method"):
         assert hasattr(pyspec_gguf, name)

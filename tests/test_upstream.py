@@ -406,10 +406,8 @@ def test_load_16_clients_4_requests_each(front, engine, session, prose):
     _, engine_url = engine
     prompts = [long_messages(prose, "What is the secret code for the vault?", v) for v in range(4)]
     direct = client_of(engine_url)
-    expected = [set() for _ in prompts]
-    for v, messages in enumerate(prompts):
-        short = compressed_locally(session, messages)
-        expected[v] |= {chat(direct, short)[0], chat(direct, short)[0]}
+    shorts = [compressed_locally(session, messages) for messages in prompts]
+    expected = [{chat(direct, short)[0], chat(direct, short)[0]} for short in shorts]
     client = client_of(front, timeout=600)
 
     def one(i: int) -> tuple:

@@ -48,7 +48,8 @@ def add_load_args(parser, target_help: str = "target model spec (default: the re
     parser.add_argument("--draft", default="", help="draft model spec (default: the registry's draft)")
     parser.add_argument("--target", default=None, help=target_help)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all)")
-    parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to a GPU build (-1: all)")
+    parser.add_argument("--n-gpu-layers", type=int, default=-1,
+                        help="layers offloaded on a GPU build (default -1: all; 0: none)")
     add_engine_args(parser)
 
 
