@@ -8,9 +8,9 @@
 
 #include <algorithm>
 
-// the graph's buffers (the scores, their softmax and its transpose) stay
-// under this many bytes: KV groups are scored in chunks
-static const int64_t k_chunk_bytes = 64ll << 20;
+// the graph's buffers (the scores, their softmax and its transpose, three
+// of a size) stay under this many bytes: KV groups are scored in chunks
+static const int64_t k_chunk_bytes = 192ll << 20;
 
 static ggml_backend_buffer_t buffer_of(const ggml_tensor * t) {
     if (t->buffer != nullptr) {
@@ -94,7 +94,7 @@ bool psg_attention_graph::score(const psg_attention_inputs & in, int32_t n_threa
     const int64_t group = n_head / n_head_kv;
     const int64_t n_cells = in.n_cells, n_rows = in.n_rows;
     const bool weighted = std::any_of(in.weights, in.weights + n_rows, [](float w) { return w != 1.0f; });
-    const int64_t per_group = std::max<int64_t>(1, n_cells * n_rows * group * (int64_t) sizeof(float));
+    const int64_t per_group = std::max<int64_t>(1, 3 * n_cells * n_rows * group * (int64_t) sizeof(float));
     const int64_t chunk = std::clamp<int64_t>(k_chunk_bytes / per_group, 1, n_head_kv);
     out.assign((size_t) (n_head_kv * n_cells), 0.0f);
     meta.resize(ggml_tensor_overhead() * 32 + ggml_graph_overhead_custom(32, false));

@@ -228,8 +228,7 @@ def test_scores_computed_on_the_keys_backend_match_the_host(small, prose, reduce
                                          flash_attn="on", scoring="graph")
         moved = transfers_since(before)
         assert rows_graph == rows_host == len(layers) * len(queries)
-        scale = host.max(axis=-1, keepdims=True)
-        assert np.abs(graph - host).max() < 0.01 * scale.max()
+        assert np.abs(graph - host).max() < 0.01 * host.max()
         # each layer and KV head ranks the prompt as the host path does
         for got, ref in zip(graph.reshape(-1, n), host.reshape(-1, n)):
             assert np.corrcoef(_ranks(got[ref > 0]), _ranks(ref[ref > 0]))[0, 1] > 0.999

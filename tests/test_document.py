@@ -175,6 +175,29 @@ def test_save_and_load(session, text, docs_dir):
         assert cold.loaded_from is None
 
 
+def test_each_question_moves_the_kv_at_most_once_each_way(session, text, docs_dir):
+    """What a document chat copies between llama.cpp's buffers and the host
+    (over the bus on a GPU): a KV-side question reads the target's cached
+    document once and writes the kept entries back once; a prompt-side one
+    moves no KV; a save reads the draft's state once, a load writes it once."""
+    from pyspec_gguf.engine import transfers, transfers_since
+    with session.document(text) as d:
+        for question in (QUESTION, "Who is the text about?"):
+            kv = d.ask(question, method="speckv", budget=BUDGET, max_tokens=4, **SHORT_LOOKAHEAD).stats
+            assert kv.transfers["state_read"][0] == kv.transfers["state_write"][0] == 1, question
+        pc = d.ask("And where?", method="specpc", budget=BUDGET, max_tokens=4).stats
+        assert pc.transfers["state_read"] == pc.transfers["state_write"] == [0, 0]
+        before = transfers()
+        d.save()
+        saved = transfers_since(before)
+    assert saved["state_read"][0] == 1 and saved["state_write"][0] == 0
+    before = transfers()
+    with session.document(text) as again:
+        assert again.loaded_from is not None
+    loaded = transfers_since(before)
+    assert loaded["state_read"][0] == 0 and loaded["state_write"][0] == 1
+
+
 def _flip(path, offset_from_end):
     data = bytearray(path.read_bytes())
     data[-offset_from_end] ^= 0xFF
