@@ -35,7 +35,8 @@ class PromptTooLong(ValueError):
 
 def transfers() -> dict:
     """Copies between llama.cpp's buffers and the host so far in this
-    process, by kind ("state_read", "state_write", "capture_read"), each
+    process, by kind ("state_read", "state_write", "capture_read",
+    "capture_write"), each
     [calls, bytes]: on a GPU build with the KV cache offloaded every one
     crosses the bus, on the CPU build it is a memory copy."""
     return {kind: list(count) for kind, count in _native.transfers().items()}

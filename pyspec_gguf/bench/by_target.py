@@ -58,8 +58,7 @@ def target_table(entries: list) -> str:
     if not entries:
         return "Not measured yet."
     # each target and length is timed on one machine; name it where they differ
-    machines = sorted({_machine(e) for e in entries} - {None})
-    several = len(machines) > 1
+    several = len({_machine(e) for e in entries} - {None}) > 1
     lines = ["| target | context | `full` TTFT s | `specpc` | vs full | draft's share | `speckv_pc` | vs full | "
              "target KV MiB full → specpc | peak RSS MiB full / specpc |" + " timed on |" * several,
              "|" + "---|" * (10 + several)]

@@ -237,7 +237,7 @@ def build(runs: Path, out: Path, profile: str) -> list:
             "target_kv_bytes": kv if kv is not None else _median([x["target_kv_bytes"] for x in ts]),
             "kv_vs_full": _ratio(kv, kv_full),
             "models": models, "machine": raw[0]["machine"] if raw else machine(), "commands": commands,
-            "timing_machine": timed_on.get((context, models.get("target"))),
+            "timing_machine": timed_on.get(_timed_as((rs or ts)[0])),
         })
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "latest.jsonl", "w") as f:
