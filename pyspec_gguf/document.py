@@ -14,7 +14,9 @@ question (and recomputes the last `window` queries, whose attention it
 captures over the cached keys). Two ways to answer:
 
 - prompt side (`specpc`, `speckv_pc`, `specprefill`, ...): the target never
-  holds the document; per question it prefills only the kept tokens.
+  holds the document; per question it prefills only the kept tokens. With
+  `reuse_kept`, it holds the document tokens earlier questions kept and
+  prefills only those no question kept before (`prefix.KeptCache`).
 - KV side (`speckv`, `snapkv`, `full`, ...): the target prefills the document
   once and keeps it too; per question it scores against it, and the answer
   decodes from a compacted copy of the kept entries (`full`: from the whole
@@ -34,7 +36,7 @@ from .engine import Sampling
 from .methods import Method
 from .passes import Clock, DraftNeeds, draft_pass
 from .pipeline import Caches
-from .prefix import PrefixCache, cached_tokens, common_prefix
+from .prefix import KeptCache, PrefixCache, cached_tokens, common_prefix
 from .store import StateFileError, read_state, state_path, write_state
 
 INSTRUCTION = "Answer the question about the text above."
@@ -72,18 +74,22 @@ class Document:
 
     Made by `SpecSession.document` from a source, or from text already
     read (`sources.read_source`). `turns` holds the conversation so far
-    (question, answer); `last` the Result of the last answer.
+    (question, answer); `last` the Result of the last answer. With
+    `reuse_kept`, a prompt-side question's target keeps the KV of the
+    document tokens kept so far, for the next question to add to.
     """
 
     def __init__(self, session, text: str, name: str = "text",
-                 progress: Optional[Callable[[int, int], None]] = None, cache: bool = True, read: bool = True):
+                 progress: Optional[Callable[[int, int], None]] = None, cache: bool = True, read: bool = True,
+                 reuse_kept: bool = False):
         self.session, self.text, self.name = session, text, name
+        self.reuse_kept = reuse_kept
         self.turns: list[tuple[str, str]] = []
         self.last = None
         self.prefix = self._prefix()
         session.check_fits(len(self.prefix), 1)
         self.read_seconds, self.loaded_from = 0.0, None
-        self._draft = self._target = None
+        self._draft = self._target = self._kept = None
         if session.draft is not None:
             self._draft = PrefixCache(session.draft, session.context_options)
             if read:  # else the first question that needs the draft reads it
@@ -130,7 +136,7 @@ class Document:
 
     def caches(self, tokens: np.ndarray, method: Method) -> Caches:
         """The conversation's caches that `method`'s passes reuse."""
-        return Caches(draft=self._draft, target=self._target_cache(method))
+        return Caches(draft=self._draft, target=self._target_cache(method), kept=self._kept_cache(method))
 
     def _target_cache(self, method: Method) -> Optional[PrefixCache]:
         """Methods that read the whole prompt on the target (`full` and the
@@ -141,6 +147,15 @@ class Document:
         if self._target is None:
             self._target = PrefixCache(self.session.target, self.session.context_options, n_seq=2)
         return self._target
+
+    def _kept_cache(self, method: Method) -> Optional[KeptCache]:
+        """With `reuse_kept`, the prompt-side methods keep the target's KV of
+        the document tokens they kept between questions."""
+        if not self.reuse_kept or method.target_reads_prompt or method.answers_with_draft:
+            return None
+        if self._kept is None:
+            self._kept = KeptCache(self.session.target, self.session.context_options, doc_end=len(self.prefix))
+        return self._kept
 
     # ------------------------------------------------------------ reading
 
@@ -201,10 +216,10 @@ class Document:
     def kv_bytes(self) -> dict:
         """KV bytes the document's caches hold: {'draft': ..., 'target': ...}."""
         return {"draft": self._draft.kv_bytes if self._draft else 0,
-                "target": self._target.kv_bytes if self._target else 0}
+                "target": sum(c.kv_bytes for c in (self._target, self._kept) if c is not None)}
 
     def close(self) -> None:
-        for cache in (self._draft, self._target):
+        for cache in (self._draft, self._target, self._kept):
             if cache is not None:
                 cache.close()
 

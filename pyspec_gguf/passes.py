@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .prefix import PrefixCache
+from .prefix import KeptCache, PrefixCache
 from .scoring import REDUCTIONS, combine
 
 # "eviction": dropping the unselected KV entries and compacting (or, per
@@ -314,6 +314,26 @@ def prefill_answer_context(model, tokens: np.ndarray, options: dict, clock: Cloc
         ctx.close()
         raise
     return ctx
+
+
+def prefill_kept(cache: KeptCache, tokens: np.ndarray, positions: np.ndarray, clock: Clock, room: int,
+                 progress: Optional[Callable] = None) -> tuple:
+    """(AnswerContext, order): the target's context of the prompt tokens at
+    `positions` (a prompt-side selection) on a conversation's KeptCache,
+    prefilling only what it does not hold; `order` is the prompt positions
+    in the order the context holds them."""
+    order = cache.order(positions)
+    ctx = cache.take(tokens, order, room)
+    start = cache.reused
+    try:
+        with clock.stage("target_prefill"):
+            ctx.prefill(tokens[order[start:]], progress=_offset(progress, start, len(order)))
+    except BaseException:
+        cache.forget()
+        raise
+    cache.hold(tokens, order)
+    # the answer decodes after the held prompt; the next take drops it
+    return AnswerContext(ctx, cells=len(order), leave=True), order
 
 
 # ------------------------------------------------------------------ apply

@@ -18,9 +18,9 @@ import numpy as np
 
 from ._log import logger as log
 from .methods import Method
-from .prefix import PrefixCache, cached_tokens
+from .prefix import KeptCache, PrefixCache, cached_tokens
 from .passes import (AnswerContext, Clock, DraftNeeds, DraftPass, TargetNeeds, TargetPass, draft_pass,
-                     keep_one_set, keep_per_head, prefill_answer_context, target_pass)
+                     keep_one_set, keep_per_head, prefill_answer_context, prefill_kept, target_pass)
 
 
 @dataclass
@@ -53,7 +53,8 @@ class Analysis:
             prompt); otherwise the one answer takes them over (less memory).
         caches: prefix caches of the draft and the target (a document's
             conversation) that the passes over the whole prompt reuse and
-            leave whole; either may be None.
+            leave whole, and the target's cache of kept tokens that a
+            prompt-side answer grows; any may be None.
         draft_room: cells the draft's context keeps free after the prompt
             (0: a pass's context closes when the pass ends), for the draft
             to draft the answer in (`draft_context`).
@@ -66,7 +67,7 @@ class Analysis:
             raise ValueError("auto chooses a method per prompt: resolve it first (SpecSession.choose)")
         self.session, self.tokens, self.protected = session, tokens, protected
         self.caches = caches or Caches()
-        self.used_draft_cache = self.used_target_cache = False
+        self.used_draft_cache = self.used_target_cache = self.used_kept_cache = False
         self.room = 1 + max_tokens  # the last prompt token, decoded again, and the answer
         self.draft_room = draft_room
         self.fork, self.progress = fork, progress
@@ -179,8 +180,15 @@ class Analysis:
         """The target answers from every token at `positions`: a fresh
         prefill of them, or, for the whole prompt in a fork or with a target
         cache, a shared fork of the prompt's own target pass (the one the KV
-        variants share; a cached one holds the earlier turns already)."""
+        variants share; a cached one holds the earlier turns already); for
+        a selection with a cache of kept tokens, the tokens it does not hold
+        prefilled after those it does."""
         target = self.session.target
+        if self.caches.kept is not None and len(positions) < len(self.tokens):
+            self.used_kept_cache = True
+            answer, order = prefill_kept(self.caches.kept, self.tokens, positions, self.clock, self.room - 1,
+                                         self.progress)
+            return Prepared(answer, target, np.sort(order), scores)
         if (self.fork or self.caches.target is not None) and len(positions) == len(self.tokens):
             needs = _any_needs(self._targets, positions) or next(iter(self._target_plan), None)
             tp = self.target(positions, needs or TargetNeeds(captures=False))
@@ -229,7 +237,8 @@ class Analysis:
 
 @dataclass
 class Caches:
-    """Prefix caches the passes over a whole prompt reuse (None: none).
+    """Prefix caches the passes over a whole prompt reuse, and the target's
+    cache of kept tokens a prompt-side answer grows (None: none).
 
     A call takes these or any other source of caches with the same two
     methods (a document's conversation, the server's pools): `cached`, what
@@ -238,6 +247,7 @@ class Caches:
 
     draft: Optional[PrefixCache] = None
     target: Optional[PrefixCache] = None
+    kept: Optional[KeptCache] = None
 
     def cached(self, tokens: np.ndarray) -> tuple:
         """(draft, target): the prompt tokens each cache already holds."""

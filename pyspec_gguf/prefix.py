@@ -137,6 +137,73 @@ class PrefixCache:
 
 
 
+class KeptCache:
+    """The target's KV of the document tokens a conversation's earlier
+    questions kept with a prompt-side method: a later question prefills only
+    the document tokens it keeps that none before it kept, then its part of
+    the conversation.
+
+    llama.cpp appends to a sequence only after its last position, so newly
+    kept tokens follow the held ones instead of taking their places in the
+    document: the target reads the kept runs in document order, one pass of
+    it per question that added some. Held tokens stay while they number at
+    most `growth` times the question's own selection from the document;
+    past that, the question starts again from its own selection.
+
+    Args:
+        model, options: the target and its context options.
+        doc_end: prompt positions before it are the document's (the same in
+            every question's prompt); from it on, the conversation.
+        growth: how many times a question's selection the held tokens may be.
+    """
+
+    def __init__(self, model, options: dict, doc_end: int, growth: float = 3.0):
+        if not growth >= 1:
+            raise ValueError(f"growth must be >= 1, not {growth}")
+        self.cache = PrefixCache(model, options, n_seq=1)
+        self.doc_end, self.growth = doc_end, growth
+        self.held = np.empty(0, np.int32)  # document positions, in the order the context holds them
+
+    @property
+    def reused(self) -> int:
+        """Tokens the last `take` found held."""
+        return self.cache.reused
+
+    def order(self, positions: np.ndarray) -> np.ndarray:
+        """The kept prompt `positions` in the order the target reads them:
+        the held document positions, the newly kept ones, the conversation's."""
+        positions = np.asarray(positions, np.int32)
+        doc, talk = positions[positions < self.doc_end], positions[positions >= self.doc_end]
+        new = np.setdiff1d(doc, self.held).astype(np.int32)
+        held = self.held
+        if len(held) + len(new) > self.growth * len(doc):
+            held, new = np.empty(0, np.int32), doc
+        return np.concatenate([held, new, talk])
+
+    def take(self, tokens: np.ndarray, order: np.ndarray, room: int):
+        """The context, holding what it can of `tokens[order]` (all but its
+        last token at most); the caller prefills the rest, then calls `hold`."""
+        return self.cache.take(tokens[order], 1, len(order) + room)
+
+    def hold(self, tokens: np.ndarray, order: np.ndarray) -> None:
+        """The context now holds `tokens[order]` (a prefill succeeded)."""
+        self.cache.hold(tokens[order])
+        self.held = order[order < self.doc_end].copy()
+
+    def forget(self) -> None:
+        """After a failed prefill the context holds only what `take` reused."""
+        self.cache.forget()
+        self.held = self.held[: self.cache.reused]
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.cache.kv_bytes
+
+    def close(self) -> None:
+        self.cache.close()
+        self.held = np.empty(0, np.int32)
+
+
 class PrefixPool:
     """Up to `slots` prefix caches of one model, for prompts from different
     conversations (a server's requests), shared by threads. A prompt takes

@@ -246,17 +246,19 @@ class SpecSession:
         return stream_ if stream else stream_.run()
 
     def document(self, source, name: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
-                 cache: bool = True, read: bool = True) -> "Document":
+                 cache: bool = True, read: bool = True, reuse_kept: bool = False) -> "Document":
         """A document to ask questions about: `source` is its text or the
         path of a .txt, .md, .pdf or .html file. The draft reads it now
         (from a state saved by `Document.save` where one matches and
         `cache`), or with the first question that needs it if not `read`;
-        each question then costs the draft only its new tokens. See
-        `pyspec_gguf.document`."""
+        each question then costs the draft only its new tokens. With
+        `reuse_kept`, a prompt-side question's target also keeps the KV of
+        the document tokens kept so far. See `pyspec_gguf.document`."""
         from .document import Document
         from .sources import read_source
         text, source_name = read_source(source)
-        return Document(self, text, name=name or source_name, progress=progress, cache=cache, read=read)
+        return Document(self, text, name=name or source_name, progress=progress, cache=cache, read=read,
+                        reuse_kept=reuse_kept)
 
     def stream(self, prompt: Prompt, method: Union[str, Method], budget, max_tokens: int, sampling: Sampling,
                protect_last: int, progress, method_options: dict, caches=None,
@@ -382,7 +384,8 @@ class SpecSession:
             changes = {"target": lambda s: s.observe_prefill(n - stats.target_cached, stats.target_cached,
                                                              t["target_prefill"])}
         else:
-            changes = {"target": lambda s: s.observe_prefill(stats.kept_tokens, 0, t["target_prefill"])}
+            changes = {"target": lambda s: s.observe_prefill(stats.kept_tokens - stats.target_cached,
+                                                             stats.target_cached, t["target_prefill"])}
             if t["draft_prefill"] > 0 and self.draft is not None:
                 def draft(s: ModelSpeed) -> None:
                     s.observe_prefill(n - stats.draft_cached, stats.draft_cached, t["draft_prefill"])
@@ -603,7 +606,8 @@ class Stream:
                           target_kv_bytes=prepared.cells * model.kv_bytes_per_token,
                           peak_rss_bytes=peak_rss(),
                           draft_cached=caches.draft.reused if caches.draft and analysis.used_draft_cache else 0,
-                          target_cached=caches.target.reused if caches.target and analysis.used_target_cache else 0,
+                          target_cached=caches.target.reused if caches.target and analysis.used_target_cache
+                          else caches.kept.reused if caches.kept and analysis.used_kept_cache else 0,
                           auto=asdict(self._choice) if self._choice else None,
                           speculative=self._speculative, drafted=counts.drafted, accepted=counts.accepted,
                           verify_steps=counts.steps, draft_decodes=counts.draft_decodes,

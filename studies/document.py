@@ -9,6 +9,8 @@ warm_full    a Document asked with `full`: the target's KV of the conversation
 cold_specpc  `generate(method="specpc")` per turn
 doc_specpc   a Document asked with `specpc` (prompt side)
 doc_speckv   a Document asked with `speckv` (KV side)
+doc_specpc_kept  a Document asked with `specpc`, its target keeping the KV
+             of the document tokens kept so far (`reuse_kept`)
 disk         a Document's draft read, its save, and its load in a new Document
 
 The document is the benchmark's haystack (Paul Graham essays) with one magic
@@ -17,8 +19,12 @@ holds the number. Each configuration runs in its own process (peak RSS is
 the process's own); rows are appended to the output as they come, and the
 same command later skips the configurations the file already holds.
 
+With `--target standin:qwen2.5-7b` the target is a stand-in of that model's
+shapes (pyspec_gguf/bench/standin.py): its turns are timed, its answers are
+noise and are not recorded.
+
 Reproduces bench/README.md, "Chat with one 8K-token document, five questions
-(document.jsonl)".
+(document.jsonl)" and "... on a 7B target (document-7b.jsonl)".
 """
 
 from __future__ import annotations
@@ -32,33 +38,42 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from pyspec_gguf import registry
 from pyspec_gguf.bench.common import append_result
+from pyspec_gguf.bench.standin import check_standin, is_standin, standin_target
 from pyspec_gguf.bench.tasks import make_conversation
 from pyspec_gguf.document import conversation, question_protect
+from pyspec_gguf.prefix import common_prefix
 from pyspec_gguf.session import SpecSession
 from pyspec_gguf.store import read_state
 
-CONFIGS = {  # name: (method, asked through a Document)
-    "cold_full": ("full", False),
-    "warm_full": ("full", True),
-    "cold_specpc": ("specpc", False),
-    "doc_specpc": ("specpc", True),
-    "doc_speckv": ("speckv", True),
-    "disk": (None, True),
+CONFIGS = {  # name: (method, asked through a Document, the Document's reuse_kept)
+    "cold_full": ("full", False, False),
+    "warm_full": ("full", True, False),
+    "cold_specpc": ("specpc", False, False),
+    "doc_specpc": ("specpc", True, False),
+    "doc_speckv": ("speckv", True, False),
+    "doc_specpc_kept": ("specpc", True, True),
+    "disk": (None, True, False),
 }
 
 
 def run_config(name: str, args) -> list:
-    method, documented = CONFIGS[name]
+    method, documented, reuse_kept = CONFIGS[name]
     rows = []
-    with SpecSession(draft=args.draft, target=args.target, n_threads=args.threads, progress=False) as session:
+    standin = is_standin(args.target)
+    target = (str(standin_target(registry.resolve(registry.default_model("target")), check_standin(args.target)))
+              if standin else args.target)
+    with SpecSession(draft=args.draft, target=target, n_threads=args.threads, progress=False) as session:
         text, questions = make_conversation(session.target, args.tokens, args.questions, args.seed)
         base = {"config": name, "tokens": args.tokens, "seed": args.seed, "threads": session.context_options["n_threads"],
-                "budget": args.budget, "loadavg": os.getloadavg()[0]}
+                "budget": args.budget, "loadavg": os.getloadavg()[0], "target": args.target, "standin": standin}
         if name == "disk":
             return [_disk(session, text, base)]
-        doc = session.document(text, cache=False, read=False) if documented else None
-        turns = []
+        doc = session.document(text, cache=False, read=False, reuse_kept=reuse_kept) if documented else None
+        turns, before = [], None
         for i, (question, value) in enumerate(questions):
             t0 = time.perf_counter()
             if doc is not None:
@@ -70,13 +85,20 @@ def run_config(name: str, args) -> list:
                 turns.append((question, r.text))
                 held = {"draft": 0, "target": 0}
             s = r.stats
+            kept = r.prompt_tokens[r.kept]
             rows.append({**base, "method": method, "turn": i + 1, "prompt_tokens": s.prompt_tokens,
+                         # what a target cache of the last turn's kept tokens could serve: their common
+                         # prefix, and the positions kept now that were not kept then
+                         "kept_common_prefix": None if before is None else common_prefix(before[1], kept),
+                         "kept_new": None if before is None else int(np.setdiff1d(r.kept, before[0]).size),
                          "ttft_s": s.ttft_s, "total_s": time.perf_counter() - t0, "times": s.times,
                          "kept_tokens": s.kept_tokens, "answer_kv_bytes": s.target_kv_bytes,
                          "held_draft_kv_bytes": held["draft"], "held_target_kv_bytes": held["target"],
                          "peak_rss_bytes": s.peak_rss_bytes, "draft_cached": s.draft_cached,
-                         "target_cached": s.target_cached, "expected": value, "correct": value in r.text,
-                         "answer": r.text})
+                         "target_cached": s.target_cached,
+                         # a stand-in's answers are noise: never scored
+                         **({} if standin else {"expected": value, "correct": value in r.text, "answer": r.text})})
+            before = (r.kept, kept)
             print(json.dumps(rows[-1]), flush=True, file=sys.stderr)
         if doc is not None:
             doc.close()
@@ -128,7 +150,8 @@ def main(argv=None) -> int:
     for name in args.configs.split(","):
         if name not in CONFIGS:
             raise SystemExit(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
-        if any(r["config"] == name and r["tokens"] == args.tokens and r["seed"] == args.seed for r in _rows(out)):
+        if any(r["config"] == name and r["tokens"] == args.tokens and r["seed"] == args.seed
+               and r.get("target") == args.target for r in _rows(out)):
             print(f"{name}: already in {out}", file=sys.stderr)
             continue
         print(f"{name} ...", file=sys.stderr, flush=True)
@@ -152,6 +175,10 @@ def _rows(path: Path) -> list:
     return rows
 
 
+def _right(row: dict) -> str:
+    return "—" if row.get("standin") else "yes" if row["correct"] else "no"
+
+
 def table(rows: list, tokens: int, seed: int) -> str:
     """Per configuration and turn: time to first token, right or not, KV
     held and peak RSS; then the disk row."""
@@ -163,7 +190,7 @@ def table(rows: list, tokens: int, seed: int) -> str:
             continue
         held = (r["held_draft_kv_bytes"] + r["held_target_kv_bytes"]) / 2**20
         lines.append(f"| {r['config']} | {r['turn']} | {r['prompt_tokens']} | {r['draft_cached']}/{r['target_cached']} "
-                     f"| {r['ttft_s']:.1f} | {'yes' if r['correct'] else 'no'} | {r['answer_kv_bytes'] / 2**20:.0f} "
+                     f"| {r['ttft_s']:.1f} | {_right(r)} | {r['answer_kv_bytes'] / 2**20:.0f} "
                      f"| {held:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
     for r in rows:
         if r["config"] == "disk":

@@ -135,6 +135,74 @@ def test_an_interrupted_answer_leaves_no_turn_and_a_sound_cache(session, doc):
         doc.forget()
 
 
+def _split(kept, doc_end):
+    return kept[kept < doc_end], kept[kept >= doc_end]
+
+
+def test_reuse_kept_prefills_only_the_newly_kept_tokens(session, text):
+    """With `reuse_kept` a prompt-side question's target keeps the KV of the
+    document tokens kept so far: the first answer is a cold `generate`'s,
+    the second prefills only the document tokens it newly keeps and its
+    part of the conversation, after the held ones, and answers from their
+    union. A question stopped in the target's prefill leaves the cache
+    sound for the next."""
+    second = "Who kept the ledger?"
+    with session.document(text, cache=False, reuse_kept=True) as d:
+        end = len(d.prefix)
+        cold = session.generate(d.messages(QUESTION), method="specpc", budget=BUDGET, max_tokens=12,
+                                protect_last=d.protect_last(QUESTION))
+        first = d.ask(QUESTION, method="specpc", budget=BUDGET, max_tokens=12)
+        assert np.array_equal(first.kept, cold.kept) and first.text == cold.text
+        assert first.stats.target_cached == 0 and first.stats.kept_tokens == BUDGET
+        held, _ = _split(first.kept, end)
+
+        messages = d.messages(second)
+        cold = session.generate(messages, method="specpc", budget=BUDGET, max_tokens=12,
+                                protect_last=d.protect_last(second))
+        stopped = _StopAt("target_prefill")
+        with pytest.raises(KeyboardInterrupt):
+            d.ask(second, method="specpc", budget=BUDGET, max_tokens=12, progress=stopped)
+        warm = d.ask(second, method="specpc", budget=BUDGET, max_tokens=12)
+        doc_kept, talk = _split(cold.kept, end)
+        new = np.setdiff1d(doc_kept, held)
+        assert len(new) > 0 and len(np.intersect1d(doc_kept, held)) > 0  # the case this test is for
+        assert np.array_equal(warm.kept, np.union1d(held, cold.kept))
+        assert warm.stats.kept_tokens == len(held) + len(new) + len(talk) > BUDGET
+        assert warm.stats.target_cached >= len(held)
+        assert warm.stats.kept_tokens - warm.stats.target_cached <= len(new) + len(talk)
+        assert d.kv_bytes["target"] >= warm.stats.kept_tokens * session.target.kv_bytes_per_token
+        assert len(d.turns) == 2
+
+
+class _StopAt:
+    """A progress callback that stops the call as stage `name` begins."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, done, total):
+        pass
+
+    def stage(self, name):
+        if name == self.name:
+            raise KeyboardInterrupt
+
+
+def test_kept_cache_order_and_growth():
+    """The held document positions first, then the newly kept ones, then
+    the conversation's; past `growth` times the question's own selection
+    from the document, the question starts again from it."""
+    from pyspec_gguf.prefix import KeptCache
+    cache = KeptCache(None, {}, doc_end=100, growth=2.0)
+    cache.held = np.array([3, 7, 50], np.int32)
+    order = cache.order(np.array([2, 7, 60, 120, 130], np.int32))
+    assert order.tolist() == [3, 7, 50, 2, 60, 120, 130]
+    cache.held = np.array([1, 3, 5, 9, 11], np.int32)
+    assert cache.order(np.array([2, 4, 101], np.int32)).tolist() == [2, 4, 101]  # 7 > 2 x 2: start again
+    with pytest.raises(ValueError, match="growth"):
+        KeptCache(None, {}, doc_end=100, growth=0.5)
+
+
 def test_flash_attention_auto_keeps_the_same_cells(session, small_path, text):
     """The default, flash attention as llama.cpp sets it (on, on a CPU):
     scores come from the queries and cached keys instead of llama.cpp's
@@ -315,11 +383,13 @@ def test_chat_command_end_to_end(small_path, text, tmp_path):
     """Questions, commands and bad commands through stdin; Ctrl-D ends it."""
     (tmp_path / "notes.txt").write_text(text)
     lines = [QUESTION, "/budget 0", "/budget 300", "/method nope", "/method speckv", "/option window=8",
-             "/option nope=1", "Who kept the ledger?", "/kept", "/save", "/reset", "/help", "/what"]
+             "/option nope=1", "Who kept the ledger?", "/method specpc", "Where is the vault?",
+             "Who kept the ledger?", "/kept", "/save", "/reset", "/help", "/what"]
     env = {k: v for k, v in os.environ.items() if k != STATES_ENV}  # the states go where a user's go
     env["PYSPEC_GGUF_CACHE"] = str(tmp_path / "cache")  # the models are given by path
     done = subprocess.run([sys.executable, "-m", "pyspec_gguf", "chat", "--doc", str(tmp_path / "notes.txt"),
-                           "--draft", str(small_path), "--target", str(small_path), "--max-tokens", "12"],
+                           "--draft", str(small_path), "--target", str(small_path), "--max-tokens", "12",
+                           "--reuse-kept"],
                           input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=900, env=env,
                           cwd=tmp_path)  # the installed package, not the source tree (no compiled extension there)
     out, err = done.stdout, done.stderr
@@ -328,6 +398,9 @@ def test_chat_command_end_to_end(small_path, text, tmp_path):
     # the first question through the default, auto (the draft read the document: specpc, or full if faster)
     assert len(re.findall(r"\[(full|specpc), auto: [^]]+\] prompt", err)) == 1 and err.count("[speckv] prompt") == 1
     assert "cached: draft" in err
+    # --reuse-kept: the second specpc question found the first one's kept tokens in the target's cache
+    held = re.findall(r"\[specpc\] prompt \d+ tok, cached: draft \d+, target (\d+)", err)
+    assert len(held) == 2 and int(held[1]) > 0
     assert "budget 0 keeps nothing" in err and "unknown method 'nope'" in err and "nope" in err
     assert "budget: 300" in out and "method: speckv" in out and "{'window': 8}" in out
     assert "[…" in out and "saved: " in out and "conversation forgotten" in out and "/kept" in out

@@ -34,6 +34,10 @@ def add_cli_args(parser) -> None:
     add_method_args(parser)
     add_model_args(parser, max_tokens=256)
     parser.add_argument("--no-saved", action="store_true", help="read the document even if a saved state exists")
+    parser.add_argument("--reuse-kept", action="store_true",
+                        help="prompt-side methods: the target keeps the KV of the document tokens kept so far, "
+                             "so a later question prefills only what it newly keeps (faster later turns; the "
+                             "target holds up to 3x the kept tokens)")
 
 
 class Chat:
@@ -93,7 +97,8 @@ def main(args) -> int:
     text, name = read_source(Path(args.doc))  # read once, and checked before any model loads
     with open_session(args, uses_draft=True) as session:
         with progress_bar("reading the document") as progress:
-            doc = Document(session, text, name, progress=progress, cache=not args.no_saved)
+            doc = Document(session, text, name, progress=progress, cache=not args.no_saved,
+                           reuse_kept=args.reuse_kept)
         how = f"loaded from {doc.loaded_from}" if doc.loaded_from else "read"
         print(f"{name}: {len(doc.prefix):,} tokens, {how} in {doc.read_seconds:.1f} s. "
               "Ask a question (/help for commands, Ctrl-D to exit).", file=sys.stderr)
