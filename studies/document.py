@@ -40,9 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pyspec_gguf import registry
 from pyspec_gguf.bench.common import append_result
-from pyspec_gguf.bench.standin import check_standin, is_standin, standin_target
+from pyspec_gguf.bench.standin import is_standin, model_path
 from pyspec_gguf.bench.tasks import make_conversation
 from pyspec_gguf.document import conversation, question_protect
 from pyspec_gguf.prefix import common_prefix
@@ -64,9 +63,7 @@ def run_config(name: str, args) -> list:
     method, documented, reuse_kept = CONFIGS[name]
     rows = []
     standin = is_standin(args.target)
-    target = (str(standin_target(registry.resolve(registry.default_model("target")), check_standin(args.target)))
-              if standin else args.target)
-    with SpecSession(draft=args.draft, target=target, n_threads=args.threads, progress=False) as session:
+    with SpecSession(draft=args.draft, target=model_path(args.target), n_threads=args.threads, progress=False) as session:
         text, questions = make_conversation(session.target, args.tokens, args.questions, args.seed)
         base = {"config": name, "tokens": args.tokens, "seed": args.seed, "threads": session.context_options["n_threads"],
                 "budget": args.budget, "loadavg": os.getloadavg()[0], "target": args.target, "standin": standin}

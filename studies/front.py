@@ -33,7 +33,7 @@ from statistics import median
 from pyspec_gguf import registry
 from pyspec_gguf.bench.common import (add_prompt_set_args, append_result, paired_interval, read_rows, script,
                                       seeds_of)
-from pyspec_gguf.bench.standin import check_standin, is_standin, standin_target
+from pyspec_gguf.bench.standin import is_standin, model_path
 from pyspec_gguf.bench.tasks import make_task
 from pyspec_gguf.engine import Model
 
@@ -73,7 +73,7 @@ def main(args) -> None:
     out = Path(args.out)
     source = registry.resolve(registry.default_model("target"))
     standin = is_standin(args.target)
-    target = str(standin_target(source, check_standin(args.target)) if standin else args.target or source)
+    target = model_path(args.target) if standin else args.target or source
     draft = registry.default_model("draft")
     threads = str(args.threads or os.cpu_count())
     seeds = seeds_of(args)

@@ -245,10 +245,7 @@ def _median_time(fn, reps: int) -> float:
 
 def cost(args) -> None:
     """What a target verify batch of m tokens and a draft step cost."""
-    target = args.target or registry.default_model("target")
-    if standin.is_standin(target):
-        target = str(standin.standin_target(registry.resolve(registry.default_model("target")),
-                                            standin.check_standin(target)))
+    target = standin.model_path(args.target or registry.default_model("target"))
     rng = np.random.default_rng(0)
     row = {"kind": "cost", "target": args.target or registry.default_model("target"), "kept": 1024,
            "tokens": args.tokens, "verify_s": {}}

@@ -240,9 +240,7 @@ def measure(prof: Profile, runs: Path, threads: int = 0, only: str = None, flash
     target = prof.target or registry.default_model("target")
     models = {"draft": draft, "target": target}
     if standin.is_standin(target):
-        # made once from the default target's file; the rows name the stand-in
-        source = registry.resolve(registry.default_model("target"))
-        target = str(standin.standin_target(source, standin.check_standin(target)))
+        target = standin.model_path(target)  # the rows name the stand-in
         if only != "timing":
             log.info("%s: timing only, its answers are noise", models["target"])
             only = "timing"

@@ -66,6 +66,15 @@ def check_standin(spec: str) -> str:
     return size
 
 
+def model_path(spec: str) -> str:
+    """The file to load for a target `spec`: a stand-in's, made once from
+    the default target's file; any other spec as it is."""
+    if not is_standin(spec):
+        return spec
+    from .. import registry
+    return str(standin_target(registry.resolve(registry.default_model("target")), check_standin(spec)))
+
+
 def standin_target(src: Path, size: str) -> Path:
     """The stand-in for `size` made from the GGUF at `src` (a Qwen2-family
     file), made on first use and cached beside a record of its source."""
