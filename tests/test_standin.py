@@ -12,6 +12,7 @@ from pyspec_gguf import registry
 from pyspec_gguf.bench import report, standin
 from pyspec_gguf.bench.common import machine
 from pyspec_gguf.cli.main import main
+from pyspec_gguf.derive import write_gguf
 
 
 def _plan_bytes(tensors) -> int:
@@ -21,6 +22,45 @@ def _plan_bytes(tensors) -> int:
 def test_only_a_qwen2_file_makes_a_stand_in(small_path):
     with pytest.raises(ValueError, match="made from a qwen2 GGUF, not llama"):
         standin.standin_tensors(GGUFReader(small_path), standin.SHAPES["qwen2.5-7b"])
+
+
+def _tiny_qwen2(path, tmp_path):
+    """A two-layer qwen2 GGUF with Q8_0 weights and F32 vectors."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    base = tmp_path / "base.gguf"
+    writer = GGUFWriter(base, "qwen2")
+    writer.add_block_count(2)
+    writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    q8, f32 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.F32
+    tensors = [standin._random_tensor(name, dims, f32 if len(dims) == 1 else q8)
+               for name, dims in standin._tensor_shapes(standin.Shape(32, 64, 2, 4, 2), vocab=64)]
+    write_gguf(GGUFReader(base), path, {}, tensors)
+    return path
+
+
+def test_a_seed_makes_the_stand_in_its_source_makes(tmp_path, small_path):
+    """A seed holds the source's metadata and tensor types and no weights;
+    a stand-in made from it is its source's, byte for byte."""
+    source = _tiny_qwen2(tmp_path / "tiny.gguf", tmp_path)
+    seed = tmp_path / "tiny.seed.gguf"
+    standin.write_seed(source, seed)
+    read = GGUFReader(seed)
+    assert len(read.tensors) == 0 and read.fields["tokenizer.chat_template"].contents() == "{{ messages }}"
+    for shape in standin.SHAPES.values():
+        a, b = (standin.standin_tensors(GGUFReader(f), shape) for f in (source, seed))
+        assert [(t.name, t.shape, t.ggml_type) for t in a] == [(t.name, t.shape, t.ggml_type) for t in b]
+    made = []
+    for f in (source, seed):
+        standin._write_standin(f, tmp_path / f"{f.stem}.made.gguf", "tiny", standin.Shape(64, 128, 3, 4, 2))
+        made.append((tmp_path / f"{f.stem}.made.gguf").read_bytes())
+    assert made[0] == made[1]
+    with pytest.raises(ValueError, match="made from a qwen2 GGUF, not llama"):
+        standin.write_seed(small_path, tmp_path / "llama.seed.gguf")
 
 
 def test_bad_stand_in_requests_are_refused_before_anything_loads(no_model_loads):

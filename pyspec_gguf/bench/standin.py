@@ -8,10 +8,17 @@ a 1.5B. Its answers are noise: a stand-in's rows are timing-only, and the
 report keeps them out of every accuracy table.
 
     path = standin_target(registry.resolve("qwen2.5-coder-1.5b-instruct-q4_k_m"), "qwen2.5-7b")
+
+Where the source file cannot go (a machine with no network, reached through
+a copy of a few tens of MiB), a seed can: `write_seed` keeps the source's
+metadata and its tensors' names and types, without weights (about 7 MB for
+the Qwen 1.5B), and `standin_target` makes from it the same file as from
+the source.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +28,8 @@ import numpy as np
 from ..derive import NewTensor, derived_path, made_once, write_gguf
 
 PREFIX = "standin:"
+# a seed's own keys: its source's tensor types ({name: type name}, as JSON) and vocabulary size
+SEED_TYPES, SEED_VOCAB = "pyspec.seed.tensor_types", "pyspec.seed.vocab"
 
 
 class Shape(NamedTuple):
@@ -88,7 +97,8 @@ def _write_standin(src: Path, dst: Path, size: str, shape: Shape) -> None:
     from gguf import GGUFReader
 
     reader = GGUFReader(src)
-    changed = {"qwen2.embedding_length": shape.hidden, "qwen2.feed_forward_length": shape.ffn,
+    changed = {SEED_TYPES: None, SEED_VOCAB: None,
+               "qwen2.embedding_length": shape.hidden, "qwen2.feed_forward_length": shape.ffn,
                "qwen2.block_count": shape.layers, "qwen2.attention.head_count": shape.heads,
                "qwen2.attention.head_count_kv": shape.kv_heads,
                "general.name": f"stand-in with {size}'s shapes, random weights (timing only)",
@@ -100,14 +110,42 @@ def standin_tensors(reader, shape: Shape) -> list:
     """The stand-in's tensors (made when written) from a gguf.GGUFReader of
     its source: every tensor of `shape`, each of the source's type for the
     same name, the source's vocabulary."""
+    _check_qwen2(reader)
+    n_src = reader.fields["qwen2.block_count"].contents()
+    types, vocab = source_types(reader)
+    return [_random_tensor(name, dims, _source_type(types, name, n_src, shape.layers))
+            for name, dims in _tensor_shapes(shape, vocab)]
+
+
+def write_seed(src: Path, dst: Path) -> None:
+    """A seed of the Qwen2 GGUF at `src` at `dst`: its metadata, and its
+    tensors' names and types as a key of their own; no tensors."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(src)
+    _check_qwen2(reader)
+    types, vocab = source_types(reader)
+    write_gguf(reader, dst, {SEED_TYPES: json.dumps({n: t.name for n, t in types.items()}), SEED_VOCAB: vocab},
+               [])
+
+
+def source_types(reader) -> tuple:
+    """({tensor name: GGMLQuantizationType}, vocabulary size) of a source
+    file or of a seed (gguf.GGUFReader)."""
+    if SEED_TYPES in reader.fields:
+        from gguf import GGMLQuantizationType
+
+        names = json.loads(reader.fields[SEED_TYPES].contents())
+        return ({n: GGMLQuantizationType[t] for n, t in names.items()},
+                int(reader.fields[SEED_VOCAB].contents()))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    return types, int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
+
+
+def _check_qwen2(reader) -> None:
     arch = reader.fields["general.architecture"].contents()
     if arch != "qwen2":
         raise ValueError(f"a stand-in is made from a qwen2 GGUF, not {arch}")
-    n_src = reader.fields["qwen2.block_count"].contents()
-    types = {t.name: t.tensor_type for t in reader.tensors}
-    vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
-    return [_random_tensor(name, dims, _source_type(types, name, n_src, shape.layers))
-            for name, dims in _tensor_shapes(shape, vocab)]
 
 
 def _tensor_shapes(shape: Shape, vocab: int):
