@@ -84,7 +84,7 @@ def _machine(entry: dict):
 
 def plot_targets(entries: list, out: Path, plt) -> None:
     """targets.png: each method's TTFT ratio to `full` against target size
-    (log scale), a line per prompt length."""
+    (log scale), a line per prompt length, of one colour in every panel."""
     if not entries or plt is None:
         return
     fig, axes = plt.subplots(1, len(METHODS), figsize=(6 * len(METHODS), 4.5), squeeze=False)
@@ -93,7 +93,7 @@ def plot_targets(entries: list, out: Path, plt) -> None:
             points = sorted((e["size_b"], e[method]["ttft_vs_full"]) for e in entries
                             if e["context_tokens"] == context and e.get(method) and e[method]["ttft_vs_full"])
             if points:
-                ax.plot(*zip(*points), marker="os^D"[i % 4], label=f"{context} tokens")
+                ax.plot(*zip(*points), marker="os^D"[i % 4], color=f"C{i}", label=f"{context} tokens")
         ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
         sizes = sorted({e["size_b"] for e in entries})
