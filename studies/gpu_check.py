@@ -4,8 +4,9 @@ with the CPU's, and time `full` against `specpc` at 8K and 32K tokens on
 stand-ins of the default pair scaled to Qwen2.5-0.5B → 7B; every result in
 one folder.
 
-Here, with network, once (`.gpu/`, git-ignored, about 25 MB: under the 64
-MiB a copy of the checkout may carry to such a machine):
+Here, with network, once (`.gpu/`, git-ignored, 55.0 MiB, 43 of them the
+cut SmolLM2: with the checkout's 7 MiB, under the 64 MiB a copy of the
+checkout may carry to such a machine):
 
     python -P studies/gpu_check.py pack
 
@@ -32,8 +33,8 @@ offloaded). `--backend vulkan` rehearses it on
 Mesa's lavapipe here (with GGML_VK_VISIBLE_DEVICES=0), `--backend cpu` on
 the CPU; `--contexts` and `--runs` size it.
 
-Not yet run end to end: its rehearsal (`--backend cpu`, then `vulkan`)
-comes before its first use on a GPU.
+`pack` has run here; `run` has not yet: its rehearsal (`--backend cpu`,
+then `vulkan`) comes before its first use on a GPU.
 """
 
 from __future__ import annotations
