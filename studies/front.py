@@ -71,9 +71,8 @@ def main(args) -> None:
     from openai import OpenAI
 
     out = Path(args.out)
-    source = registry.resolve(registry.default_model("target"))
     standin = is_standin(args.target)
-    target = model_path(args.target) if standin else args.target or source
+    target = model_path(args.target) if args.target else str(registry.resolve(registry.default_model("target")))
     draft = registry.default_model("draft")
     threads = str(args.threads or os.cpu_count())
     seeds = seeds_of(args)
