@@ -107,7 +107,9 @@ def main(args) -> None:
             for way in row["order"]:
                 _ask(clients["straight"], [{"role": "user", "content": "Hi"}], 1)  # empties the engine's prefix
                 row[way] = _ask(clients[way], task.messages, task.max_tokens)
-                if not standin:  # a stand-in's answers are noise: never scored
+                if standin:  # a stand-in's answers are noise: neither kept nor scored
+                    del row[way]["answer"]
+                else:
                     row[way]["score"] = task.score(row[way]["answer"])
             append_result(out, row)
             print(f"{name:18s} seed {seed} " + " ".join(
