@@ -24,7 +24,8 @@ There, in the checkout's copy with `.gpu/` beside it:
     python3 -P studies/gpu_check.py run --backend cuda --out "$OUT/gpu"
 
 builds llama-cpp-python and pyspec-gguf into `.gpu/site` (skipped where
-done), then writes to --out as it goes: check.log, build.json (the build's
+done; a build stopped by a call's time limit resumes in the next call,
+made without `carry`, which would replace `.gpu/` there), then writes to --out as it goes: check.log, build.json (the build's
 seconds, the machine), backends.txt (studies/backends.py's CPU against the
 device, on the cut SmolLM2), speculative_cost.jsonl (a verify batch of 1–9
 tokens on the target, a draft step: studies/speculative.py --cost) and
@@ -162,8 +163,15 @@ def build(backend: str, log: Log, env: dict) -> dict:
     shutil.rmtree(SITE, ignore_errors=True)
     install = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", SITE]
     seconds = {"wheels": log.run(install + sorted(glob.glob(str(GPU / "wheels" / "*.whl"))), env)}
-    sdist = glob.glob(str(GPU / "llama_cpp_python-*.tar.gz"))[0]
-    seconds["llama_cpp_python"] = log.run(install + ["--no-build-isolation", sdist], env)
+    # built from a fixed folder into a fixed build folder, so that a build stopped at a call's time
+    # limit resumes where it stopped in the next call (pip would build a temporary copy afresh)
+    source = GPU / "src"
+    if not source.exists():
+        with tarfile.open(glob.glob(str(GPU / "llama_cpp_python-*.tar.gz"))[0]) as tar:
+            tar.extractall(source, filter="data")
+    llama_source = next(source.glob("llama_cpp_python-*"))
+    seconds["llama_cpp_python"] = log.run(install + ["--no-build-isolation", llama_source],
+                                          {**env, "SKBUILD_BUILD_DIR": str(GPU / "build" / backend)})
     seconds["pyspec_gguf"] = log.run(install + ["--no-build-isolation", ROOT], env)
     done.write_text(json.dumps(seconds))
     return seconds
