@@ -135,6 +135,8 @@ def answers(args, flash) -> dict:
         task = make_task("niah_single", s.target, args.needle_tokens, 0)
         for m in METHODS:
             options = {"lookahead": args.lookahead} if args.lookahead else {}
+            if m == "specpc" and args.start_layer is not None:
+                options["start_layer"] = args.start_layer  # a model cut to fewer layers than the default's 8
             r = s.generate(task.messages, method=m, budget=args.budget, max_tokens=task.max_tokens, **options)
             out.update({f"{m}.text": np.array(r.text), f"{m}.tokens": np.array(r.tokens, np.int32),
                         f"{m}.kept": r.kept})
@@ -261,6 +263,7 @@ def main() -> None:
     p.add_argument("--needle-tokens", type=int, default=1024)
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--lookahead", type=int, default=0, help="the methods' drafted tokens (0: their default)")
+    p.add_argument("--start-layer", type=int, default=None, help="SpecPC's first captured layer (default: its own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="backends.npz")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print the differences of two files")

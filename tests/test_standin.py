@@ -63,6 +63,21 @@ def test_a_seed_makes_the_stand_in_its_source_makes(tmp_path, small_path):
         standin.write_seed(small_path, tmp_path / "llama.seed.gguf")
 
 
+def test_a_stand_in_is_made_from_the_file_the_environment_names(tmp_path, monkeypatch):
+    """Where the default target cannot be fetched (a GPU machine with no
+    network), PYSPEC_STANDIN_SOURCE names a seed to make stand-ins from."""
+    source = _tiny_qwen2(tmp_path / "tiny.gguf", tmp_path)
+    seed = tmp_path / "tiny.seed.gguf"
+    standin.write_seed(source, seed)
+    monkeypatch.setitem(standin.SHAPES, "tiny-3l", standin.Shape(64, 128, 3, 4, 2))
+    monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(standin.SOURCE_ENV, str(seed))
+    made = standin.model_path("standin:tiny-3l")
+    assert GGUFReader(made).fields["qwen2.block_count"].contents() == 3
+    monkeypatch.setenv(standin.SOURCE_ENV, str(source))
+    assert open(standin.model_path("standin:tiny-3l"), "rb").read() == open(made, "rb").read()
+
+
 def test_bad_stand_in_requests_are_refused_before_anything_loads(no_model_loads):
     assert main(["bench", "--target", "standin:qwen2.5-70b"]) == 2
     assert main(["bench", "--target", "standin:qwen2.5-7b", "--only", "answers"]) == 2

@@ -13,12 +13,14 @@ Where the source file cannot go (a machine with no network, reached through
 a copy of a few tens of MiB), a seed can: `write_seed` keeps the source's
 metadata and its tensors' names and types, without weights (5.9 MB for
 the Qwen 1.5B), and `standin_target` makes from it the same file as from
-the source.
+the source. There, PYSPEC_STANDIN_SOURCE names the seed, and
+`--target standin:qwen2.5-7b` is made from it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -30,6 +32,7 @@ from ..derive import NewTensor, derived_path, made_once, write_gguf
 PREFIX = "standin:"
 # a seed's own keys: its source's tensor types ({name: type name}, as JSON) and vocabulary size
 SEED_TYPES, SEED_VOCAB = "pyspec.seed.tensor_types", "pyspec.seed.vocab"
+SOURCE_ENV = "PYSPEC_STANDIN_SOURCE"  # the file stand-ins are made from, where not the default target's
 
 
 class Shape(NamedTuple):
@@ -77,11 +80,16 @@ def check_standin(spec: str) -> str:
 
 def model_path(spec: str) -> str:
     """The file to load for a target `spec`: a stand-in's, made once from
-    the default target's file; any other spec as it is."""
+    the file that SOURCE_ENV names (a source or a seed) or else from the
+    default target's file; any other spec as it is."""
     if not is_standin(spec):
         return spec
-    from .. import registry
-    return str(standin_target(registry.resolve(registry.default_model("target")), check_standin(spec)))
+    size = check_standin(spec)
+    source = os.environ.get(SOURCE_ENV)
+    if not source:
+        from .. import registry
+        source = registry.resolve(registry.default_model("target"))
+    return str(standin_target(Path(source), size))
 
 
 def standin_target(src: Path, size: str) -> Path:
