@@ -164,7 +164,7 @@ def environment(backend: str) -> dict:
 
 def build(backend: str, log: Log, env: dict) -> dict:
     """llama-cpp-python for `backend`, then pyspec-gguf against it, into
-    .gpu/site; the seconds of each (none where built before)."""
+    .gpu-work/site; the seconds of each (none where built before)."""
     done = WORK / f"built-{backend}"
     if done.exists():
         log(f"built for {backend} before: {done.read_text().strip()}")

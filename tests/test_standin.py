@@ -2,6 +2,7 @@
 file's types, tokenizer and random weights, for timing only."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_a_stand_in_is_made_from_the_file_the_environment_names(tmp_path, monkey
     made = standin.model_path("standin:tiny-3l")
     assert GGUFReader(made).fields["qwen2.block_count"].contents() == 3
     monkeypatch.setenv(standin.SOURCE_ENV, str(source))
-    assert open(standin.model_path("standin:tiny-3l"), "rb").read() == open(made, "rb").read()
+    assert Path(standin.model_path("standin:tiny-3l")).read_bytes() == Path(made).read_bytes()
 
 
 def test_bad_stand_in_requests_are_refused_before_anything_loads(no_model_loads):
