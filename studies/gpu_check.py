@@ -202,9 +202,13 @@ def check(args) -> None:
 
     small = glob.glob(str(GPU / f"*.L{SMALL_LAYERS}.gguf"))[0]
     offload = {"cpu": "0"} if args.backend == "cpu" else {"cpu": "0", args.backend: "99"}
+    # with no layer offloaded a device build still runs big batches' matrix products on the device
+    # (llama.cpp's op offload), so the CPU's numbers are taken with the devices hidden
+    hidden = {"CUDA_VISIBLE_DEVICES": "", "GGML_VK_VISIBLE_DEVICES": ""}
     for name, layers in offload.items():
         log.run(py + ["studies/backends.py", "--model", small, "--n-gpu-layers", layers, "--start-layer", "2",
-                      "--threads", str(os.cpu_count()), "--out", WORK / f"{name}.npz"], env)
+                      "--threads", str(os.cpu_count()), "--out", WORK / f"{name}.npz"],
+                {**env, **hidden} if name == "cpu" else env)
     if len(offload) == 2:
         with open(out / "backends.txt", "w") as f:
             subprocess.run(py + ["studies/backends.py", "--compare", *(WORK / f"{n}.npz" for n in offload)],
