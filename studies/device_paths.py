@@ -44,6 +44,8 @@ from pyspec_gguf.session import SpecSession
 
 QUESTIONS = (("ask_speckv", "speckv", {}), ("ask_speckv_head", "speckv", {"granularity": "head"}),
              ("ask_specpc_kept", "specpc", {}))
+ALL_PATHS = {"generate_speckv", "generate_speckv_head", *(q[0] for q in QUESTIONS), "save", "load", "snapshot",
+             "grow"}
 
 
 @contextmanager
@@ -60,19 +62,21 @@ def _answer_row(path: str, result) -> dict:
             "prompt_tokens": s.prompt_tokens, "answer": result.text}
 
 
-def paths(session: SpecSession, tokens: int, budget: int, lookahead: int):
-    """(path, row) for each path at a prompt of `tokens` tokens."""
+def paths(session: SpecSession, tokens: int, args, done: set):
+    """A row for each path at a prompt of `tokens` tokens; the generate
+    paths in `done` are skipped (the document's run together)."""
     text, questions = make_conversation(session.target, tokens, 3, seed=0)
-    short = {"max_tokens": 8, "budget": budget}
+    short = {"max_tokens": 8, "budget": args.budget}
+    options = {"speckv": {"lookahead": args.lookahead}, "specpc": {}}
+    if args.start_layer is not None:  # a model cut to fewer layers than SpecPC's default first one
+        options["specpc"]["start_layer"] = args.start_layer
     first = [{"role": "user", "content": f"{text}\n\n{questions[0][0]}"}]
-    yield _answer_row("generate_speckv", session.generate(first, "speckv", lookahead=lookahead, **short))
-    yield _answer_row("generate_speckv_head", session.generate(first, "speckv", lookahead=lookahead,
-                                                               granularity="head", **short))
+    for path, granularity in (("generate_speckv", {}), ("generate_speckv_head", {"granularity": "head"})):
+        if path not in done:
+            yield _answer_row(path, session.generate(first, "speckv", **short, **options["speckv"], **granularity))
     with tempfile.TemporaryDirectory() as tmp, session.document(text, cache=False, reuse_kept=True) as doc:
-        for (path, method, options), (question, _) in zip(QUESTIONS, questions):
-            if method == "speckv":
-                options = {**options, "lookahead": lookahead}
-            yield _answer_row(path, doc.ask(question, method, **short, **options))
+        for (path, method, granularity), (question, _) in zip(QUESTIONS, questions):
+            yield _answer_row(path, doc.ask(question, method, **short, **options[method], **granularity))
         saved = Path(tmp) / "doc.state"
         row = {"path": "save"}
         with _measured(row):
@@ -96,15 +100,18 @@ def paths(session: SpecSession, tokens: int, budget: int, lookahead: int):
 
 def main(args) -> None:
     out = Path(args.out)
-    done = {(r["prompt_tokens_asked"], r["flash_attn"]) for r in read_rows(out)}
+    done = {}  # (tokens, flash): the paths measured
+    for r in read_rows(out):
+        done.setdefault((r["prompt_tokens_asked"], r["flash_attn"]), set()).add(r["path"])
     for flash in args.flash_attn.split(","):
         with SpecSession(draft=args.model, target=args.model, n_gpu_layers=args.n_gpu_layers, flash_attn=flash,
                          n_threads=args.threads, progress=False) as session:
             backend = "device" if session.target.kv_on_device else "host"
             for tokens in map(int, args.tokens.split(",")):
-                if (tokens, flash) in done:
+                measured = done.get((tokens, flash), set())
+                if measured >= ALL_PATHS:
                     continue
-                for row in paths(session, tokens, args.budget, args.lookahead):
+                for row in paths(session, tokens, args, measured):
                     row = {"bench": "device_paths", "model": args.model, "kv": backend,
                            "n_gpu_layers": args.n_gpu_layers, "flash_attn": flash, "prompt_tokens_asked": tokens,
                            "budget": args.budget, **row}
@@ -129,6 +136,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-gpu-layers", type=int, default=-1)
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--lookahead", type=int, default=16, help="SpecKV's draft answer, tokens")
+    p.add_argument("--start-layer", type=int, default=None, help="SpecPC's first captured layer (default: its own)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="bench/results/device_paths.jsonl")
 
