@@ -41,7 +41,9 @@ and `--target` size it.
 Rehearsed with `--backend cpu --contexts 2048 --runs 1 --target
 qwen2.5-3b` on the 2-core AMD EPYC: llama-cpp-python's CPU build 251 s,
 pyspec-gguf's 12 s, then the comparison, the costs and the timing in 5
-minutes. The Vulkan rehearsal is still to come.
+minutes. On Vulkan through lavapipe the build took 361 s; the run stops in
+the backend comparison, where lavapipe segfaults (bench/README.md, "The
+GPU check on Vulkan through lavapipe").
 """
 
 from __future__ import annotations
